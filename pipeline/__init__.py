@@ -1,0 +1,1 @@
+"""ndde.pipeline: training jobs, data, checkpoints, backends and the `ndde` command."""

@@ -1,0 +1,45 @@
+"""Where the solver must land: discontinuity propagation points and observation times.
+
+x loses one order of smoothness at each t0 + Σ n_j τ_j (DESIGN.md, Breakpoints). A
+jump in x itself (x0 != history(t0)) at level 0 becomes a jump in x^(k) at level k, so
+an order-p method must land on every level 1..p+1; beyond that the solution is smooth
+enough for the method. Delays may be traced (learned): the times are computed as an
+array of static length, sorted, and the solver clips each step to the next one, so a
+step that ends on a breakpoint keeps its dependence on τ.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def multi_indices(m: int, max_level: int) -> np.ndarray:
+    """All n in N^m with 1 <= |n| <= max_level, as an int array (count, m)."""
+    out = [n for n in itertools.product(range(max_level + 1), repeat=m) if 1 <= sum(n) <= max_level]
+    return np.asarray(out, dtype=np.int64).reshape(-1, m)
+
+
+def breakpoint_times(t0, delays, max_level: int):
+    """t0 + n·τ for every multi-index n with 1 <= |n| <= max_level (unsorted)."""
+    n = multi_indices(delays.shape[0], max_level)
+    return t0 + jnp.asarray(n, delays.dtype) @ delays
+
+
+def stop_times(t0, t1, saveat, breakpoints):
+    """Sorted times to land on, each flagged as a breakpoint or not, ending with +inf.
+
+    Breakpoints outside (t0, t1) are dropped by pushing them to +inf (shapes stay static).
+    """
+    dtype = saveat.dtype
+    inf = jnp.asarray(jnp.inf, dtype)
+    if breakpoints is None:
+        bps = jnp.zeros((0,), dtype)
+    else:
+        bps = jnp.where((breakpoints > t0) & (breakpoints < t1), breakpoints.astype(dtype), inf)
+    times = jnp.concatenate([bps, saveat, jnp.reshape(t1, (1,)).astype(dtype), inf[None]])
+    is_bp = jnp.concatenate([jnp.ones(bps.shape, bool), jnp.zeros(saveat.shape[0] + 2, bool)])
+    order = jnp.argsort(times, stable=True)
+    return times[order], is_bp[order]

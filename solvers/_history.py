@@ -1,0 +1,92 @@
+"""Dense output of accepted steps in a fixed-capacity ring buffer, and delayed lookups.
+
+Each slot holds one accepted step [t_a, t_b] as polynomial coefficients in θ = (t - t_a)/h:
+coeffs[0] = y(t_a), coeffs[p] for θ^p (see _tableau.ButcherTableau.dense). Only the last
+max τ is ever read, so when the buffer is full the oldest step is overwritten if no future
+lookup can reach it; otherwise the solve stops with "history buffer full".
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class History(NamedTuple):
+    t_start: jax.Array  # (cap,)
+    t_end: jax.Array  # (cap,)
+    coeffs: jax.Array  # (cap, degree + 1, *shape)
+    first: jax.Array  # slot of the oldest stored step
+    count: jax.Array  # number of stored steps
+
+
+def empty(capacity: int, degree: int, y0: jax.Array) -> History:
+    dtype = y0.dtype
+    return History(
+        # unused slots hold a harmless unit interval: lookups never select them, but their
+        # arithmetic must stay finite so reverse-mode never meets 0 * NaN.
+        t_start=jnp.zeros((capacity,), dtype),
+        t_end=jnp.ones((capacity,), dtype),
+        coeffs=jnp.zeros((capacity, degree + 1) + y0.shape, dtype),
+        first=jnp.zeros((), jnp.int32),
+        count=jnp.zeros((), jnp.int32),
+    )
+
+
+def push(hist: History, t_a, t_b, coeffs, oldest_needed):
+    """Store one step. Returns (history, ok); ok is False when the buffer is full and its
+    oldest step still ends at or after ``oldest_needed`` (a future lookup may read it)."""
+    cap = hist.t_start.shape[0]
+    full = hist.count >= cap
+    evictable = hist.t_end[hist.first] < oldest_needed
+    ok = ~full | evictable
+    slot = jnp.where(full, hist.first, (hist.first + hist.count) % cap)
+    new = History(
+        t_start=hist.t_start.at[slot].set(t_a),
+        t_end=hist.t_end.at[slot].set(t_b),
+        coeffs=lax.dynamic_update_index_in_dim(hist.coeffs, coeffs, slot, 0),
+        first=jnp.where(full, (hist.first + 1) % cap, hist.first),
+        count=jnp.where(full, hist.count, hist.count + 1),
+    )
+    return new, ok
+
+
+def horner(coeffs, theta):
+    """y0 + Σ_p coeffs[p] θ^p for coeffs of shape (degree + 1, *shape)."""
+    acc = coeffs[-1]
+    for p in range(coeffs.shape[0] - 2, -1, -1):
+        acc = coeffs[p] + theta * acc
+    return acc
+
+
+def _steps_before(hist: History, q, left: bool):
+    """Number of stored steps that end before q (strictly for left lookups)."""
+    cap = hist.t_end.shape[0]
+    lo = jnp.zeros((), jnp.int32)
+    hi = hist.count
+    for _ in range(max(1, cap.bit_length())):
+        mid = (lo + hi) // 2
+        t_mid = hist.t_end[(hist.first + mid) % cap]
+        right = (t_mid < q) if left else (t_mid <= q)
+        active = lo < hi
+        lo = jnp.where(active & right, mid + 1, lo)
+        hi = jnp.where(active & ~right, mid, hi)
+    return lo
+
+
+def lookup(hist: History, q, left: bool):
+    """Interpolate the stored solution at q (which must lie within the stored steps).
+
+    ``left`` picks the step to the left of q when q is a step boundary; a stage at the
+    start of a step (c = 0) reads right-sided values, all later stages left-sided ones,
+    so a step never mixes the two sides of a jump.
+    """
+    cap = hist.t_end.shape[0]
+    i = jnp.clip(_steps_before(hist, q, left), 0, jnp.maximum(hist.count - 1, 0))
+    slot = (hist.first + i) % cap
+    t_a, t_b = hist.t_start[slot], hist.t_end[slot]
+    theta = (q - t_a) / (t_b - t_a)
+    return horner(hist.coeffs[slot], theta)

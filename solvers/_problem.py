@@ -1,0 +1,77 @@
+"""Problem definitions: what to integrate, independent of how."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+class ODEProblem(eqx.Module):
+    """dx/dt = rhs(t, x, p) on [t0, t1], x(t0) = x0 (an array, or a callable x0(p))."""
+
+    rhs: Callable
+    x0: Any
+    t0: Any
+    t1: Any
+
+    def initial_state(self, p):
+        return jnp.asarray(self.x0(p) if callable(self.x0) else self.x0)
+
+
+class DDEProblem(eqx.Module):
+    """dx/dt = rhs(t, x, lagged, p) with lagged[j] = x(t - delays(p)[j]).
+
+    ``history(t, p)`` gives x for t <= t0; ``delays(p)`` a 1-D array of m > 0 constant
+    lags (m static, values may be traced and learned); ``x0`` is None (meaning
+    history(t0, p)), an array, or a callable x0(p). ``x0`` may differ from the history's
+    value at t0: the solver then also lands on t0 + tau_j, where x' jumps.
+    """
+
+    rhs: Callable
+    history: Callable
+    delays: Callable
+    t0: Any
+    t1: Any
+    x0: Any = None
+
+    def initial_state(self, p):
+        if self.x0 is None:
+            return jnp.asarray(self.history(jnp.asarray(self.t0), p))
+        return jnp.asarray(self.x0(p) if callable(self.x0) else self.x0)
+
+
+class GradientField(eqx.Module):
+    """A structured right-hand side dx/dt = J ∇ₓH(x, p) (+ extra(t, x, p)).
+
+    ``H(x, p)`` returns a scalar (sum over a batch yourself when x is (B, d));
+    ``J`` is a (d, d) matrix applied along the last axis of x. Use it as the ``rhs`` of
+    an ODEProblem. The sensitivities recognise it and compute the adjoint's
+    vector–Jacobian product as one forward-over-reverse pass (DESIGN.md, Nested AD).
+    """
+
+    H: Callable
+    J: Any
+    extra: Callable | None = None
+
+    def __call__(self, t, x, p):
+        return self.field(t, x, p)
+
+    def field(self, t, x, p):
+        grad_h = jax.grad(self.H, argnums=0)(x, p)
+        out = grad_h @ jnp.asarray(self.J, grad_h.dtype).T
+        if self.extra is not None:
+            out = out + self.extra(t, x, p)
+        return out
+
+
+def canonical_hamiltonian_j(d: int) -> jnp.ndarray:
+    """The symplectic J = [[0, I], [-I, 0]] for a state (q, p) of even size d."""
+    if d % 2:
+        raise ValueError(f"canonical J needs an even state size, got d={d}")
+    n = d // 2
+    eye = jnp.eye(n)
+    zero = jnp.zeros((n, n))
+    return jnp.block([[zero, eye], [-eye, zero]])

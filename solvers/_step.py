@@ -1,0 +1,46 @@
+"""One explicit RK step: stages, solution, embedded error and dense-output coefficients."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ._tableau import ButcherTableau
+
+
+class StepResult(NamedTuple):
+    y1: jax.Array
+    err: jax.Array | None
+    k_last: jax.Array  # last stage: f(t1, y1) for FSAL tableaus
+    coeffs: jax.Array  # (degree + 1, *shape): y0 then θ^1..θ^deg coefficients
+
+
+def _combine(weights, ks):
+    terms = [w * k for w, k in zip(weights, ks) if w != 0.0]
+    if not terms:
+        return jnp.zeros_like(ks[0])
+    out = terms[0]
+    for term in terms[1:]:
+        out = out + term
+    return out
+
+
+def rk_step(tab: ButcherTableau, f, t, y, h, k1) -> StepResult:
+    """Take one step of size h from (t, y) with first stage k1 = f(t, y).
+
+    ``f(t, y)`` evaluates the right-hand side at a stage after the first one (for a DDE,
+    with left-sided delayed lookups: see _history.lookup).
+    """
+    dtype = y.dtype
+    cast = lambda w: [float(v) for v in w]  # Python floats are weakly typed: dtype follows y
+    ks = [k1]
+    y_stage = y
+    for i, row in enumerate(tab.a, start=1):
+        y_stage = y + h * _combine(cast(row), ks)
+        ks.append(f(t + jnp.asarray(tab.c[i], dtype) * h, y_stage))
+    y1 = y_stage if tab.fsal else y + h * _combine(cast(tab.b), ks)
+    err = h * _combine(cast(tab.b_err), ks) if tab.adaptive else None
+    dense = [h * _combine(cast([row[p] for row in tab.dense]), ks) for p in range(tab.degree)]
+    return StepResult(y1, err, ks[-1], jnp.stack([y] + dense))

@@ -1,0 +1,103 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import solvers as sv
+from helpers import linear_dde, refcase_params
+
+
+def _max_obs_error(case, **kw):
+    sol = sv.solve(linear_dde(case["T"]), refcase_params(case), saveat=jnp.array(case["obs_times"]),
+                   rtol=1e-10, atol=1e-12, **kw)
+    exact = np.array([case["x_obs"][f"{t}"] for t in case["obs_times"]])
+    return float(np.max(np.abs(np.asarray(sol.ys) - exact))), sol
+
+
+@pytest.mark.parametrize("name", ["A_jump", "A_cont"])
+@pytest.mark.parametrize("solver", [sv.Tsit5(), sv.Dopri5()], ids=lambda s: s.name)
+def test_linear_dde_matches_exact(refcases, name, solver):
+    err, sol = _max_obs_error(refcases[name], solver=solver)
+    assert err <= 1e-8, err
+    assert abs(float(sol.ys[-1]) - refcases[name]["xT"]) <= 1e-8
+
+
+def test_breakpoint_tracking_is_what_makes_it_accurate(refcases):
+    case = refcases["A_jump"]
+    tracked, _ = _max_obs_error(case)
+    untracked, _ = _max_obs_error(case, _track_breakpoints=False)
+    assert untracked >= 100 * tracked, (tracked, untracked)
+
+
+def test_jump_in_x0_lands_on_t0_plus_tau():
+    """With x0 != history(t0), a save time just after tau must see the kinked solution
+    exactly; landing on tau makes the step there restart with the right-sided slope."""
+    p = {"a": -0.5, "b": -1.0, "tau": 1.0, "c": 0.7, "x0": 1.0}
+    ts = jnp.array([1.0, 1.0 + 1e-6])
+    sol = sv.solve(linear_dde(), p, saveat=ts, rtol=1e-10, atol=1e-12)
+    slope = float((sol.ys[1] - sol.ys[0]) / 1e-6)
+    # x'(1+) = a x(1) + b x(0+) = a x(1) + b x0 ; x'(1-) uses the history c instead
+    right = -0.5 * float(sol.ys[0]) - 1.0 * 1.0
+    assert abs(slope - right) < 1e-5
+
+
+def _eigen_problem(tau):
+    lam = -1.0
+    for _ in range(50):  # Newton on lam + exp(-lam tau) = 0
+        lam -= (lam + np.exp(-lam * tau)) / (1 - tau * np.exp(-lam * tau))
+    prob = sv.DDEProblem(lambda t, x, lag, p: -lag[0], lambda t, p: jnp.exp(lam * t), lambda p: jnp.array([tau]),
+                         0.0, 5.0)
+    return prob, lam
+
+
+def test_delay_much_smaller_than_natural_step():
+    tau = 0.01
+    prob, lam = _eigen_problem(tau)
+    ts = jnp.linspace(0.0, 5.0, 11)
+    sol = sv.solve(prob, None, saveat=ts, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(sol.ys, np.exp(lam * np.asarray(ts)), rtol=0, atol=1e-9)
+    # the cap at the smallest delay is what bounds the step (documented in _forward)
+    assert int(sol.stats["steps"]) >= 5.0 / tau
+    ode_steps = int(sv.solve(sv.ODEProblem(lambda t, x, p: lam * x, jnp.array(1.0), 0.0, 5.0), None,
+                             rtol=1e-9, atol=1e-12).stats["steps"])
+    assert ode_steps < 5.0 / tau  # the natural step of the same solution is much larger
+
+
+def test_small_delay_nonlinear_against_tiny_fixed_step():
+    tau = 0.01
+    rhs = lambda t, x, lag, p: -lag[0] * (1.0 + 0.5 * jnp.sin(x))
+    prob = sv.DDEProblem(rhs, lambda t, p: jnp.cos(t), lambda p: jnp.array([tau]), 0.0, 5.0)
+    ts = jnp.linspace(0.0, 5.0, 6)
+    adaptive = sv.solve(prob, None, saveat=ts, rtol=1e-10, atol=1e-12)
+    reference = sv.solve(prob, None, saveat=ts, solver=sv.RK4(), dt0=tau / 20, max_steps=20000)
+    np.testing.assert_allclose(adaptive.ys, reference.ys, rtol=0, atol=1e-9)
+
+
+def test_two_delays_against_aligned_fixed_step():
+    rhs = lambda t, x, lag, p: -lag[0] - 0.5 * lag[1] + 0.1 * x
+    prob = sv.DDEProblem(rhs, lambda t, p: jnp.ones_like(t), lambda p: jnp.array([1.0, 0.4]), 0.0, 4.0,
+                         x0=2.0)
+    ts = jnp.array([0.5, 1.3, 2.2, 4.0])
+    adaptive = sv.solve(prob, None, saveat=ts, rtol=1e-10, atol=1e-12)
+    # RK4 with dt dividing both delays lands on every breakpoint by construction
+    reference = sv.solve(prob, None, saveat=ts, solver=sv.RK4(), dt0=0.0025, max_steps=20000)
+    np.testing.assert_allclose(adaptive.ys, reference.ys, rtol=0, atol=1e-9)
+
+
+def test_vector_state_and_float32():
+    rhs = lambda t, x, lag, p: jnp.stack([x[1], -lag[0, 0]])
+    prob = sv.DDEProblem(rhs, lambda t, p: jnp.stack([jnp.cos(t), -jnp.sin(t)]).astype(jnp.float32),
+                         lambda p: jnp.array([0.5], jnp.float32), 0.0, 3.0)
+    f32 = sv.solve(prob, None, rtol=1e-5, atol=1e-6)
+    assert f32.ys.dtype == jnp.float32 and f32.ys.shape == (1, 2)
+    hist64 = lambda t, p: jnp.stack([jnp.cos(t), -jnp.sin(t)]).astype(jnp.float64)
+    ref = sv.solve(sv.DDEProblem(rhs, hist64, lambda p: jnp.array([0.5]), 0.0, 3.0), None, rtol=1e-10,
+                   atol=1e-12)
+    np.testing.assert_allclose(np.asarray(f32.ys, np.float64), ref.ys, atol=2e-4)
+
+
+def test_history_parameters_enter_the_solution(refcases):
+    p = refcase_params(refcases["A_jump"])
+    base = sv.solve(linear_dde(), p).ys
+    moved = sv.solve(linear_dde(), {**p, "c": p["c"] + 0.1}).ys
+    assert float(jnp.abs(moved - base)[0]) > 1e-3

@@ -1,0 +1,92 @@
+"""Every solver error is triggered and says what to do."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+
+import solvers as sv
+
+
+def _ode(f, t1=2.0):
+    return sv.ODEProblem(f, jnp.array([1.0]), 0.0, t1)
+
+
+def _dde(delay):
+    return sv.DDEProblem(lambda t, x, lag, p: -lag[0], lambda t, p: jnp.ones_like(t), lambda p: jnp.atleast_1d(p),
+                         0.0, 5.0)
+
+
+def test_step_budget_exhausted_says_raise_max_steps():
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"step budget exhausted: max_steps=3 .*Raise max_steps"):
+        sv.solve(_ode(lambda t, x, p: -x), None, max_steps=3)
+
+
+def test_step_size_underflow_says_stiff():
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"step size underflow.*stiff"):
+        sv.solve(_ode(lambda t, x, p: x**2), None)  # blows up at t = 1
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_nan_in_state(fixed):
+    kw = {"solver": sv.RK4(), "dt0": 0.1} if fixed else {}
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"NaN or inf in the state"):
+        sv.solve(_ode(lambda t, x, p: jnp.where(t > 0.5, jnp.nan, -x)), None, **kw)
+
+
+def test_non_positive_delay_concrete_and_traced():
+    with pytest.raises(ValueError, match=r"delays must be finite and > 0, got \[-1.0\]"):
+        sv.solve(_dde(-1.0), jnp.array([-1.0]))
+    with pytest.raises(Exception, match=r"non-positive or non-finite delay"):
+        eqx.filter_jit(lambda p: sv.solve(_dde(None), p).ys)(jnp.array([0.0]))
+    with pytest.raises(Exception, match=r"non-positive or non-finite delay"):
+        eqx.filter_jit(lambda p: sv.solve(_dde(None), p).ys)(jnp.array([jnp.nan]))
+
+
+def test_history_buffer_full_says_raise_history_size():
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"history buffer full: history_size=3 .*Raise history_size"):
+        sv.solve(_dde(1.0), jnp.array([1.0]), rtol=1e-10, history_size=3)
+
+
+def test_small_history_is_enough_when_steps_are_evicted():
+    """The ring buffer only keeps the last max delay: a long solve fits in a small buffer."""
+    prob = sv.DDEProblem(lambda t, x, lag, p: -lag[0] + jnp.sin(3 * t), lambda t, p: jnp.ones_like(t),
+                         lambda p: jnp.array([1.0]), 0.0, 40.0)
+    big = sv.solve(prob, None, rtol=1e-8, history_size=1024)
+    small = sv.solve(prob, None, rtol=1e-8, history_size=64)
+    assert int(big.stats["steps"]) > 64
+    assert float(jnp.abs(big.ys - small.ys).max()) == 0.0
+
+
+def test_shape_mismatch_names_both_shapes():
+    with pytest.raises(ValueError, match=r"rhs\(t, x, p\) returned shape \(3,\) but the state x has shape \(1,\)"):
+        sv.solve(_ode(lambda t, x, p: jnp.zeros(3)), None)
+    bad = sv.DDEProblem(lambda t, x, lag, p: lag, lambda t, p: jnp.ones(2), lambda p: jnp.array([1.0, 2.0]), 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"returned shape \(2, 2\) but the state x has shape \(2,\)"):
+        sv.solve(bad, None)
+    bad_hist = sv.DDEProblem(lambda t, x, lag, p: x, lambda t, p: jnp.ones(3), lambda p: jnp.array([1.0]), 0.0, 1.0,
+                             x0=jnp.ones(2))
+    with pytest.raises(ValueError, match=r"history\(t, p\) returned shape \(3,\)"):
+        sv.solve(bad_hist, None)
+
+
+def test_bad_arguments():
+    prob = _ode(lambda t, x, p: -x)
+    with pytest.raises(ValueError, match="rtol must be a positive finite number, got -1"):
+        sv.solve(prob, None, rtol=-1)
+    with pytest.raises(ValueError, match="max_steps must be a positive int, got 0"):
+        sv.solve(prob, None, max_steps=0)
+    with pytest.raises(ValueError, match=r"need t1 > t0, got t0=0.0, t1=0.0"):
+        sv.solve(_ode(lambda t, x, p: -x, t1=0.0), None)
+    with pytest.raises(eqx.EquinoxRuntimeError, match="saveat must be strictly increasing"):
+        sv.solve(prob, None, saveat=jnp.array([1.0, 0.5]))
+    with pytest.raises(ValueError, match="delays\\(p\\) must return a 1-D array"):
+        sv.solve(sv.DDEProblem(lambda t, x, l, p: x, lambda t, p: jnp.ones(()), lambda p: jnp.ones((2, 2)), 0.0, 1.0), None)
+    with pytest.raises(TypeError, match="solver must be an ExplicitRK"):
+        sv.solve(prob, None, solver="tsit5")
+
+
+def test_errors_fire_inside_jit_and_vmap():
+    f = eqx.filter_jit(jax.vmap(lambda s: sv.solve(_ode(lambda t, x, p: -p * x), s, max_steps=5).ys))
+    with pytest.raises(Exception, match="step budget exhausted"):
+        f(jnp.array([1.0, 1e4]))
