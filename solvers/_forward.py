@@ -31,6 +31,7 @@ class LoopConfig:
     controller: Any
     max_steps: int
     history_size: int
+    land_on_saveat: bool = True
 
 
 class LoopState(NamedTuple):
@@ -120,9 +121,13 @@ def integrate(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, stops, stop_is_bp,
             k1 = rhs.eval(hist, t_new, y_new, False)
             evals = tab.stages
 
-        j = jnp.minimum(st.save_idx, n_save - 1)
-        hit = accept & (st.save_idx < n_save) & (t_next == saveat[j])
-        ys = st.ys.at[j].set(jnp.where(hit, y1, st.ys[j]))
+        if cfg.land_on_saveat:
+            j = jnp.minimum(st.save_idx, n_save - 1)
+            hit = accept & (st.save_idx < n_save) & (t_next == saveat[j])
+            ys = st.ys.at[j].set(jnp.where(hit, y1, st.ys[j]))
+            save_idx = st.save_idx + hit.astype(jnp.int32)
+        else:
+            ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
 
         accepted = st.accepted + accept.astype(jnp.int32)
         rejected = st.rejected + (~accept).astype(jnp.int32)
@@ -135,9 +140,26 @@ def integrate(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, stops, stop_is_bp,
         status = jnp.where((t_new >= t1) & (status == MAX_STEPS), OK, status)
         return LoopState(
             t=t_new, y=y_new, k1=k1, h=h_new, prev_err=jnp.where(accept, prev_err, st.prev_err),
-            last_rejected=~accept, nonfinite=~finite, ys=ys, save_idx=st.save_idx + hit.astype(jnp.int32),
+            last_rejected=~accept, nonfinite=~finite, ys=ys, save_idx=save_idx,
             hist=hist, accepted=accepted, rejected=rejected, rhs_evals=st.rhs_evals + evals,
             status=status.astype(jnp.int32))
 
     return lax.while_loop(cond, body, state)
 
+
+
+def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs):
+    """Write the dense output at every save time in (t_a, t_b] of an accepted step."""
+    n_save = saveat.shape[0]
+
+    def pending(c):
+        i, _ = c
+        return accept & (i < n_save) & (saveat[jnp.minimum(i, n_save - 1)] <= t_b)
+
+    def write(c):
+        i, ys = c
+        theta = (saveat[i] - t_a) / (t_b - t_a)
+        return i + 1, ys.at[i].set(_history.horner(coeffs, theta))
+
+    save_idx, ys = lax.while_loop(pending, write, (save_idx, ys))
+    return ys, save_idx

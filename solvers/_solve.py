@@ -50,10 +50,15 @@ def _is_concrete(x) -> bool:
 
 
 def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, max_steps=4096,
-          dt0=None, controller=None, history_size=None, _track_breakpoints=True) -> Solution:
+          dt0=None, controller=None, history_size=None, land_on_saveat=True,
+          _track_breakpoints=True) -> Solution:
     """Solve an ``ODEProblem`` or ``DDEProblem`` with parameters ``p`` (any pytree).
 
-    saveat: 1-D increasing times in [t0, t1] (default: t1 only); the solver lands on each.
+    saveat: 1-D increasing times in [t0, t1] (default: t1 only). The solver lands exactly on
+    each (``land_on_saveat=True``, the default: values at save times are step values, and a
+    save time is a point where a discrete gradient may legitimately kink); with
+    ``land_on_saveat=False`` save times are read from the dense output (order 4 for
+    Tsit5/Dopri5) and cost no extra steps, as in diffrax.
     solver: an ``ExplicitRK`` (default ``Tsit5()``); RK4 and Euler need ``dt0``.
     controller: ``PIController()`` for adaptive tableaus (default) or ``ConstantStepSize()``
     (steps of ``dt0``). max_steps bounds accepted + rejected steps; history_size bounds the
@@ -100,8 +105,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, max_s
         rhs, taus = _dde_rhs(prob, p, y0, t0)
         bps = breakpoint_times(t0, taus, tab.order + 1) if _track_breakpoints else None
         hist0 = _history.empty(history_size, tab.degree, y0)
-    stops, stop_is_bp = stop_times(t0, t1, saveat, bps)
-    cfg = LoopConfig(tab, controller, max_steps, history_size)
+    stops, stop_is_bp = stop_times(t0, t1, saveat if land_on_saveat else saveat[:0], bps)
+    cfg = LoopConfig(tab, controller, max_steps, history_size, bool(land_on_saveat))
     final = integrate(cfg, rhs, y0, t0, t1, saveat, stops, stop_is_bp,
                       jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype), dt0, hist0)
     ys = eqx.branched_error_if(final.ys, final.status != OK, final.status,

@@ -67,3 +67,13 @@ def test_fixed_step_needs_dt0():
     prob = sv.ODEProblem(lambda t, x, p: -x, jnp.array([1.0]), 0.0, 1.0)
     with pytest.raises(ValueError, match="RK4 with constant steps needs dt0"):
         sv.solve(prob, None, solver=sv.RK4())
+
+
+def test_interpolated_saves_match_landed_saves_with_fewer_steps():
+    prob = sv.ODEProblem(lambda t, x, p: jnp.stack([x[1], -jnp.sin(x[0])]), jnp.array([1.0, 0.0]), 0.0, 10.0)
+    ts = jnp.linspace(0.0, 10.0, 1000)
+    landed = sv.solve(prob, None, saveat=ts, rtol=1e-9, atol=1e-11)
+    interp = sv.solve(prob, None, saveat=ts, rtol=1e-9, atol=1e-11, land_on_saveat=False)
+    assert int(interp.stats["steps"]) < int(landed.stats["steps"]) / 2
+    np.testing.assert_allclose(interp.ys, landed.ys, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(interp.ys[0], [1.0, 0.0])

@@ -1,0 +1,38 @@
+"""Median wall time of a jitted callable (compilation excluded)."""
+
+import statistics
+import time
+
+import jax
+
+
+def median_time(fn, *args, repeats=7, warmup=1):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def versions():
+    import importlib.metadata as md
+    import platform
+
+    names = ["jax", "equinox", "diffrax"]
+    out = {n: md.version(n) for n in names if _installed(n)}
+    out["python"] = platform.python_version()
+    out["machine"] = f"{platform.machine()}, {__import__('os').cpu_count()} cores, {jax.devices()[0].device_kind}"
+    return out
+
+
+def _installed(name):
+    import importlib.metadata as md
+
+    try:
+        md.version(name)
+        return True
+    except md.PackageNotFoundError:
+        return False
