@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -45,6 +46,7 @@ class LoopState(NamedTuple):
     ys: jax.Array
     save_idx: jax.Array
     hist: Any  # _history.History for a DDE, None for an ODE
+    acc: Any  # quadrature accumulator (see Rhs.quadrature), or None
     accepted: jax.Array
     rejected: jax.Array
     rhs_evals: jax.Array
@@ -57,13 +59,15 @@ class Rhs(NamedTuple):
     eval: Callable  # eval(hist, t, y, left) -> dy
     cap: Any  # largest step allowed (smallest delay, or +inf)
     max_delay: Any  # how far back lookups reach (0 for an ODE)
+    keep_from: Any = None  # never evict steps ending at or after this time (None: +inf)
+    hist_dim: int | None = None  # store only y[:hist_dim] of a 1-D state in the history
+    quadrature: Callable | None = None  # quadrature(t_a, t_b, coeffs) -> increment of LoopState.acc
 
 
-def integrate(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, stops, stop_is_bp,
-              rtol, atol, dt0, hist0):
+def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, hist0, acc0=None) -> LoopState:
+    """The loop state at t0: first stage, first step size, and the save at t0 if asked."""
     tab = cfg.tableau
     dtype = y0.dtype
-    n_save = saveat.shape[0]
     k1 = rhs.eval(hist0, t0, y0, False)
     evals = 1
     if dt0 is None:
@@ -72,16 +76,32 @@ def integrate(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, stops, stop_is_bp,
         evals += 1
     else:
         h0 = jnp.asarray(dt0, dtype)
-    ys = jnp.zeros((n_save,) + y0.shape, dtype)
     at_t0 = saveat[0] == t0
+    ys = jnp.zeros((saveat.shape[0],) + y0.shape, dtype)
     ys = ys.at[0].set(jnp.where(at_t0, y0, ys[0]))
-    state = LoopState(
+    return LoopState(
         t=t0, y=y0, k1=k1, h=lax.stop_gradient(h0), prev_err=cfg.controller.init_state(dtype),
         last_rejected=jnp.asarray(False), nonfinite=jnp.asarray(False), ys=ys,
-        save_idx=at_t0.astype(jnp.int32), hist=hist0, accepted=jnp.zeros((), jnp.int32),
+        save_idx=at_t0.astype(jnp.int32), hist=hist0, acc=acc0, accepted=jnp.zeros((), jnp.int32),
         rejected=jnp.zeros((), jnp.int32), rhs_evals=jnp.asarray(evals, jnp.int32),
         status=jnp.asarray(OK, jnp.int32))
-    h_default = lax.stop_gradient(h0)
+
+
+def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_bp, rtol, atol, dt0,
+        kind="lax", checkpoints=None, impulses=None) -> LoopState:
+    """Step from ``state`` until t1 (or an error status).
+
+    kind: "lax" (forward-mode differentiable) or "checkpointed" (reverse-mode, equinox's
+    online-checkpointed loop). impulses: optional (len(saveat), *shape) added to the state
+    right after it is saved at each save time (the adjoint's jumps at observations); the
+    first stage is then recomputed.
+    """
+    tab = cfg.tableau
+    dtype = state.y.dtype
+    n_save = saveat.shape[0]
+    h_default = state.h if dt0 is None else lax.stop_gradient(jnp.asarray(dt0, dtype))
+    if impulses is not None and not cfg.land_on_saveat:
+        raise ValueError("impulses need land_on_saveat=True")
 
     def cond(st):
         return (st.t < t1) & (st.status == OK)
@@ -108,26 +128,42 @@ def integrate(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, stops, stop_is_bp,
         y_new = jnp.where(accept, y1, y)
         hist, hist_ok = st.hist, jnp.asarray(True)
         if hist is not None:
-            pushed, hist_ok = _history.push(hist, t, t_next, step.coeffs, t_next - rhs.max_delay)
-            hist = jax.tree_util.tree_map(lambda a, b: jnp.where(accept, a, b), pushed, hist)
-            hist_ok = hist_ok | ~accept
+            oldest = t_next - rhs.max_delay
+            if rhs.keep_from is not None:
+                oldest = jnp.minimum(oldest, rhs.keep_from)
+            coeffs = step.coeffs if rhs.hist_dim is None else step.coeffs[:, :rhs.hist_dim]
+            hist, hist_ok = _history.push(hist, t, t_next, coeffs, oldest, accept)
+        acc = st.acc
+        if rhs.quadrature is not None:
+            acc = acc + jnp.where(accept, rhs.quadrature(t, t_next, step.coeffs), 0.0)
+
+        if cfg.land_on_saveat:
+            j = jnp.minimum(st.save_idx, n_save - 1)
+            hit = accept & (st.save_idx < n_save) & (t_next == saveat[j])
+            # (saveat[j] - t_next) is zero, but not its derivative when t_next is a breakpoint that
+            # moves with τ: the saved value then stays x at the fixed save time, taken from the
+            # piece before the breakpoint (the step that ends there), not x at the moving point.
+            slope = sum(q * step.coeffs[q] for q in range(1, step.coeffs.shape[0])) / h
+            y_save = y1 + (saveat[j] - t_next) * slope
+            ys = st.ys.at[j].set(jnp.where(hit, y_save, st.ys[j]))
+            save_idx = st.save_idx + hit.astype(jnp.int32)
+        elif kind == "lax":
+            ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
+        else:
+            ys, save_idx = _save_interpolated_masked(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
+        if impulses is not None:
+            y_new = y_new + jnp.where(hit, impulses[j], jnp.zeros_like(y_new))
 
         if tab.fsal:
             recompute = accept & land & stop_bp & (hist is not None)
+            if impulses is not None:
+                recompute = recompute | hit
             k1 = lax.cond(recompute, lambda: rhs.eval(hist, t_new, y_new, False), lambda: step.k_last)
             k1 = jnp.where(accept, k1, st.k1)
             evals = tab.stages - 1 + recompute.astype(jnp.int32)
         else:
             k1 = rhs.eval(hist, t_new, y_new, False)
             evals = tab.stages
-
-        if cfg.land_on_saveat:
-            j = jnp.minimum(st.save_idx, n_save - 1)
-            hit = accept & (st.save_idx < n_save) & (t_next == saveat[j])
-            ys = st.ys.at[j].set(jnp.where(hit, y1, st.ys[j]))
-            save_idx = st.save_idx + hit.astype(jnp.int32)
-        else:
-            ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
 
         accepted = st.accepted + accept.astype(jnp.int32)
         rejected = st.rejected + (~accept).astype(jnp.int32)
@@ -141,10 +177,13 @@ def integrate(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, stops, stop_is_bp,
         return LoopState(
             t=t_new, y=y_new, k1=k1, h=h_new, prev_err=jnp.where(accept, prev_err, st.prev_err),
             last_rejected=~accept, nonfinite=~finite, ys=ys, save_idx=save_idx,
-            hist=hist, accepted=accepted, rejected=rejected, rhs_evals=st.rhs_evals + evals,
+            hist=hist, acc=acc, accepted=accepted, rejected=rejected, rhs_evals=st.rhs_evals + evals,
             status=status.astype(jnp.int32))
 
-    return lax.while_loop(cond, body, state)
+    if kind == "lax":
+        return lax.while_loop(cond, body, state)
+    return eqxi.while_loop(cond, body, state, kind="checkpointed", max_steps=cfg.max_steps,
+                           checkpoints=checkpoints)
 
 
 
@@ -163,3 +202,12 @@ def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs):
 
     save_idx, ys = lax.while_loop(pending, write, (save_idx, ys))
     return ys, save_idx
+
+
+def _save_interpolated_masked(ys, save_idx, saveat, accept, t_a, t_b, coeffs):
+    """Reverse-differentiable variant of _save_interpolated: O(len(saveat)) per step."""
+    inside = accept & (saveat > t_a) & (saveat <= t_b)
+    theta = jnp.clip((saveat - t_a) / (t_b - t_a), 0.0, 1.0)
+    values = jax.vmap(lambda th: _history.horner(coeffs, th))(theta)
+    mask = jnp.reshape(inside, inside.shape + (1,) * (ys.ndim - 1))
+    return jnp.where(mask, values, ys), save_idx + jnp.sum(inside).astype(save_idx.dtype)

@@ -36,20 +36,22 @@ def empty(capacity: int, degree: int, y0: jax.Array) -> History:
     )
 
 
-def push(hist: History, t_a, t_b, coeffs, oldest_needed):
-    """Store one step. Returns (history, ok); ok is False when the buffer is full and its
-    oldest step still ends at or after ``oldest_needed`` (a future lookup may read it)."""
+def push(hist: History, t_a, t_b, coeffs, oldest_needed, write):
+    """Store one step when ``write`` (the step was accepted); touches one slot only.
+
+    Returns (history, ok); ok is False when the buffer is full and its oldest step still
+    ends at or after ``oldest_needed`` (a future lookup may read it)."""
     cap = hist.t_start.shape[0]
     full = hist.count >= cap
-    evictable = hist.t_end[hist.first] < oldest_needed
-    ok = ~full | evictable
+    ok = ~write | ~full | (hist.t_end[hist.first] < oldest_needed)
     slot = jnp.where(full, hist.first, (hist.first + hist.count) % cap)
+    keep = lambda new, old: jnp.where(write, new, old)
     new = History(
-        t_start=hist.t_start.at[slot].set(t_a),
-        t_end=hist.t_end.at[slot].set(t_b),
-        coeffs=lax.dynamic_update_index_in_dim(hist.coeffs, coeffs, slot, 0),
-        first=jnp.where(full, (hist.first + 1) % cap, hist.first),
-        count=jnp.where(full, hist.count, hist.count + 1),
+        t_start=hist.t_start.at[slot].set(keep(t_a, hist.t_start[slot])),
+        t_end=hist.t_end.at[slot].set(keep(t_b, hist.t_end[slot])),
+        coeffs=lax.dynamic_update_index_in_dim(hist.coeffs, keep(coeffs, hist.coeffs[slot]), slot, 0),
+        first=jnp.where(write & full, (hist.first + 1) % cap, hist.first),
+        count=jnp.where(write & ~full, hist.count + 1, hist.count),
     )
     return new, ok
 

@@ -1,4 +1,4 @@
-"""The public ``solve``: validates a problem, builds the right-hand side, runs the loop."""
+"""The public ``solve``: validates arguments, then hands off to the chosen sensitivity."""
 
 from __future__ import annotations
 
@@ -7,19 +7,19 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from . import _history
-from ._breakpoints import breakpoint_times, stop_times
+from . import _forward
 from ._controller import ConstantStepSize, PIController
-from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW, LoopConfig, Rhs, integrate
+from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW
 from ._problem import DDEProblem, ODEProblem
+from ._setup import Options, build, initial_state, is_concrete
 from ._tableau import ExplicitRK, Tsit5
+from .sensitivity import AbstractSensitivity, BacksolveAdjoint, Backprop, ForwardMode, default_sensitivity
 
 
 class Solution(eqx.Module):
     """``ts`` (the save times), ``ys`` (len(ts), *x.shape) and ``stats``: accepted steps,
-    rejected steps and right-hand-side evaluations."""
+    rejected steps and right-hand-side evaluations of the forward solve."""
 
     ts: jax.Array
     ys: jax.Array
@@ -36,8 +36,13 @@ def _error_messages(max_steps: int, history_size: int) -> list[str]:
     msgs[NONFINITE] = ("ndde: NaN or inf in the state: the right-hand side returned a non-finite value "
                        "or the solution blew up. Check rhs, p and x0 (and dt0 for fixed steps).")
     msgs[HISTORY_FULL] = (f"ndde: history buffer full: history_size={history_size} stored steps do not "
-                          "cover the largest delay. Raise history_size (solve(..., history_size=...)).")
+                          "cover what must be kept (the largest delay, or an adjoint's segment). Raise "
+                          "history_size (solve(..., history_size=...)) or the adjoint's checkpoints.")
     return msgs
+
+
+def check_status(x, status, opts: Options):
+    return eqx.branched_error_if(x, status != OK, status, _error_messages(opts.max_steps, opts.history_size))
 
 
 def _check_positive(name, value):
@@ -45,115 +50,92 @@ def _check_positive(name, value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None):
+    """Run the forward loop; returns (final LoopState, Built)."""
+    built = build(prob, p, saveat, opts)
+    cfg = opts.loop_config()
+    state = _forward.init_state(cfg, built.rhs, built.y0, built.t0, built.t1, saveat, built.rtol, built.atol,
+                                opts.dt0, built.hist0)
+    final = _forward.run(cfg, built.rhs, state, built.t1, saveat, built.stops, built.stop_is_bp, built.rtol,
+                         built.atol, opts.dt0, kind=kind, checkpoints=checkpoints)
+    return final, built
 
 
-def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, max_steps=4096,
-          dt0=None, controller=None, history_size=None, land_on_saveat=True,
-          _track_breakpoints=True) -> Solution:
-    """Solve an ``ODEProblem`` or ``DDEProblem`` with parameters ``p`` (any pytree).
+def stats_of(final):
+    return {"steps": final.accepted, "rejected": final.rejected, "rhs_evals": final.rhs_evals}
+
+
+def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensitivity=None, max_steps=4096,
+          dt0=None, controller=None, history_size=None, land_on_saveat=True, _track_breakpoints=True) -> Solution:
+    """Solve an ``ODEProblem`` or ``DDEProblem`` with parameters ``p`` (any pytree of float arrays).
 
     saveat: 1-D increasing times in [t0, t1] (default: t1 only). The solver lands exactly on
-    each (``land_on_saveat=True``, the default: values at save times are step values, and a
-    save time is a point where a discrete gradient may legitimately kink); with
+    each (``land_on_saveat=True``, the default: values at save times are step values); with
     ``land_on_saveat=False`` save times are read from the dense output (order 4 for
     Tsit5/Dopri5) and cost no extra steps, as in diffrax.
     solver: an ``ExplicitRK`` (default ``Tsit5()``); RK4 and Euler need ``dt0``.
+    sensitivity: how ``jax.grad`` differentiates the solve (default
+    ``InterpolatingAdjoint(checkpoints=16)``; see ``solvers.sensitivity``).
     controller: ``PIController()`` for adaptive tableaus (default) or ``ConstantStepSize()``
     (steps of ``dt0``). max_steps bounds accepted + rejected steps; history_size bounds the
-    number of stored steps a DDE keeps for its delayed lookups (default min(max_steps, 1024)).
+    number of stored steps a DDE keeps for its delayed lookups (default min(max_steps, 256);
+    QuadratureAdjoint keeps every step and defaults to max_steps).
     """
     solver = Tsit5() if solver is None else solver
     if not isinstance(solver, ExplicitRK):
         raise TypeError(f"solver must be an ExplicitRK such as Tsit5(), got {solver!r}")
     if not isinstance(prob, (ODEProblem, DDEProblem)):
         raise TypeError(f"prob must be an ODEProblem or DDEProblem, got {type(prob).__name__}")
+    sensitivity = default_sensitivity() if sensitivity is None else sensitivity
+    if not isinstance(sensitivity, AbstractSensitivity):
+        raise TypeError(f"sensitivity must be one of Backprop(), ForwardMode(), BacksolveAdjoint(), "
+                        f"InterpolatingAdjoint(), QuadratureAdjoint(); got {sensitivity!r}")
+    if isinstance(prob, DDEProblem) and not sensitivity.supports_dde:
+        raise ValueError(f"{type(sensitivity).__name__} does not support delay equations (the past cannot "
+                         "be re-integrated backward); use InterpolatingAdjoint(), QuadratureAdjoint(), "
+                         "Backprop() or ForwardMode()")
     _check_positive("rtol", rtol)
     _check_positive("atol", atol)
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-    history_size = min(max_steps, 1024) if history_size is None else history_size
+    from .sensitivity import QuadratureAdjoint
+
+    if history_size is None:
+        history_size = max_steps if isinstance(sensitivity, QuadratureAdjoint) else min(max_steps, 256)
     if not isinstance(history_size, int) or history_size < 1:
         raise ValueError(f"history_size must be a positive int, got {history_size!r}")
     tab = solver.tableau
     if controller is None:
-        controller = PIController() if (tab.adaptive and dt0 is None) or tab.adaptive else ConstantStepSize()
-    if isinstance(controller, ConstantStepSize) or not tab.adaptive:
+        controller = PIController() if tab.adaptive else ConstantStepSize()
+    if isinstance(controller, ConstantStepSize):
         if dt0 is None:
             raise ValueError(f"{tab.name} with constant steps needs dt0 (solve(..., dt0=...))")
-        controller = ConstantStepSize()
-    if dt0 is not None and _is_concrete(dt0) and not float(dt0) > 0:
+    elif not tab.adaptive:
+        raise ValueError(f"{tab.name} has no error estimate: use controller=ConstantStepSize() and dt0")
+    if dt0 is not None and is_concrete(dt0) and not float(dt0) > 0:
         raise ValueError(f"dt0 must be positive, got {dt0!r}")
 
-    y0 = prob.initial_state(p)
-    dtype = y0.dtype if jnp.issubdtype(y0.dtype, jnp.floating) else jnp.result_type(float)
-    y0 = y0.astype(dtype)
+    dtype = initial_state(prob, p).dtype
     t0, t1 = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
-    if _is_concrete(t0) and _is_concrete(t1) and not float(t1) > float(t0):
+    if is_concrete(t0) and is_concrete(t1) and not float(t1) > float(t0):
         raise ValueError(f"need t1 > t0, got t0={float(t0)!r}, t1={float(t1)!r}")
     saveat = jnp.reshape(t1, (1,)) if saveat is None else jnp.asarray(saveat, dtype)
     if saveat.ndim != 1 or saveat.shape[0] == 0:
         raise ValueError(f"saveat must be a non-empty 1-D array of times, got shape {saveat.shape}")
     bad_saveat = jnp.any(saveat < t0) | jnp.any(saveat > t1) | jnp.any(jnp.diff(saveat) <= 0)
     saveat = eqx.error_if(saveat, bad_saveat, "ndde: saveat must be strictly increasing and lie in [t0, t1].")
+    opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,
+                   bool(land_on_saveat), bool(_track_breakpoints))
 
-    if isinstance(prob, ODEProblem):
-        rhs = _ode_rhs(prob, p, y0)
-        bps, hist0 = None, None
+    if isinstance(sensitivity, Backprop):
+        final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=sensitivity.checkpoints)
+        ys, stats = check_status(final.ys, final.status, opts), stats_of(final)
+    elif isinstance(sensitivity, ForwardMode):
+        from .sensitivity._forward_mode import forward_mode_solve
+
+        ys, stats = forward_mode_solve(prob, p, saveat, opts)
     else:
-        rhs, taus = _dde_rhs(prob, p, y0, t0)
-        bps = breakpoint_times(t0, taus, tab.order + 1) if _track_breakpoints else None
-        hist0 = _history.empty(history_size, tab.degree, y0)
-    stops, stop_is_bp = stop_times(t0, t1, saveat if land_on_saveat else saveat[:0], bps)
-    cfg = LoopConfig(tab, controller, max_steps, history_size, bool(land_on_saveat))
-    final = integrate(cfg, rhs, y0, t0, t1, saveat, stops, stop_is_bp,
-                      jnp.asarray(rtol, dtype), jnp.asarray(atol, dtype), dt0, hist0)
-    ys = eqx.branched_error_if(final.ys, final.status != OK, final.status,
-                               _error_messages(max_steps, history_size))
-    stats = {"steps": final.accepted, "rejected": final.rejected, "rhs_evals": final.rhs_evals}
+        from .sensitivity._adjoint import adjoint_solve
+
+        ys, stats = adjoint_solve(prob, p, saveat, opts, sensitivity)
     return Solution(ts=saveat, ys=ys, stats=stats)
-
-
-def _check_rhs_shape(out, y0, what):
-    if out.shape != y0.shape:
-        raise ValueError(f"{what} returned shape {out.shape} but the state x has shape {y0.shape}; "
-                         "they must match")
-
-
-def _ode_rhs(prob: ODEProblem, p, y0) -> Rhs:
-    out = jax.eval_shape(lambda: prob.rhs(jnp.zeros((), y0.dtype), y0, p))
-    _check_rhs_shape(out, y0, "rhs(t, x, p)")
-    return Rhs(eval=lambda hist, t, y, left: prob.rhs(t, y, p), cap=jnp.asarray(jnp.inf, y0.dtype),
-               max_delay=jnp.zeros((), y0.dtype))
-
-
-def _dde_rhs(prob: DDEProblem, p, y0, t0):
-    taus = jnp.asarray(prob.delays(p))
-    if taus.ndim != 1 or taus.shape[0] == 0:
-        raise ValueError(f"delays(p) must return a 1-D array of m >= 1 delays, got shape {taus.shape}")
-    taus = taus.astype(y0.dtype)
-    if _is_concrete(taus):
-        bad = np.asarray(taus)
-        if not np.all(np.isfinite(bad) & (bad > 0)):
-            raise ValueError(f"delays must be finite and > 0, got {bad.tolist()}")
-    taus = eqx.error_if(taus, ~jnp.all(jnp.isfinite(taus) & (taus > 0)),
-                        "ndde: non-positive or non-finite delay: delays(p) must return values > 0.")
-    m = taus.shape[0]
-    h_out = jax.eval_shape(lambda: jnp.asarray(prob.history(t0, p)))
-    _check_rhs_shape(h_out, y0, "history(t, p)")
-    lag_shape = (m,) + y0.shape
-    out = jax.eval_shape(lambda: prob.rhs(t0, y0, jnp.zeros(lag_shape, y0.dtype), p))
-    _check_rhs_shape(out, y0, "rhs(t, x, lagged, p)")
-    history = lambda q: jnp.asarray(prob.history(q, p), y0.dtype)
-
-    def evaluate(hist, t, y, left):
-        qs = t - taus
-        from_hist = jax.vmap(history)(qs)
-        from_buf = jax.vmap(lambda q: _history.lookup(hist, q, left))(qs)
-        in_hist = (qs <= t0) if left else (qs < t0)
-        lagged = jnp.where(jnp.reshape(in_hist, (m,) + (1,) * y.ndim), from_hist, from_buf)
-        return prob.rhs(t, y, lagged, p)
-
-    cap = jax.lax.stop_gradient(jnp.min(taus))
-    return Rhs(eval=evaluate, cap=cap, max_delay=jax.lax.stop_gradient(jnp.max(taus))), taus

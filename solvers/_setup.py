@@ -1,0 +1,132 @@
+"""From a problem and p to what the loop needs: initial state, right-hand side with delayed
+lookups, stops, history buffer. Shared by ``solve`` and every sensitivity."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import _history
+from ._breakpoints import breakpoint_times, stop_times
+from ._forward import LoopConfig, Rhs
+from ._problem import DDEProblem, ODEProblem
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    tableau: Any
+    controller: Any
+    rtol: float
+    atol: float
+    max_steps: int
+    dt0: Any
+    history_size: int
+    land_on_saveat: bool
+    track_breakpoints: bool
+
+    def loop_config(self):
+        return LoopConfig(self.tableau, self.controller, self.max_steps, self.history_size, self.land_on_saveat)
+
+
+class Built(NamedTuple):
+    rhs: Rhs
+    y0: jax.Array
+    t0: jax.Array
+    t1: jax.Array
+    saveat: jax.Array
+    stops: jax.Array
+    stop_is_bp: jax.Array
+    hist0: Any
+    taus: Any  # delays (m,) for a DDE, None for an ODE
+    rtol: jax.Array
+    atol: jax.Array
+
+
+def is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def initial_state(prob, p):
+    y0 = prob.initial_state(p)
+    dtype = y0.dtype if jnp.issubdtype(y0.dtype, jnp.floating) else jnp.result_type(float)
+    return y0.astype(dtype)
+
+
+def check_shape(out, y0, what):
+    if out.shape != y0.shape:
+        raise ValueError(f"{what} returned shape {out.shape} but the state x has shape {y0.shape}; "
+                         "they must match")
+
+
+def delays_of(prob: DDEProblem, p, dtype):
+    taus = jnp.asarray(prob.delays(p))
+    if taus.ndim != 1 or taus.shape[0] == 0:
+        raise ValueError(f"delays(p) must return a 1-D array of m >= 1 delays, got shape {taus.shape}")
+    taus = taus.astype(dtype)
+    if is_concrete(taus):
+        values = np.asarray(taus)
+        if not np.all(np.isfinite(values) & (values > 0)):
+            raise ValueError(f"delays must be finite and > 0, got {values.tolist()}")
+    return eqx.error_if(taus, ~jnp.all(jnp.isfinite(taus) & (taus > 0)),
+                        "ndde: non-positive or non-finite delay: delays(p) must return values > 0.")
+
+
+def lagged_values(prob: DDEProblem, p, taus, t0, hist, t, left, like):
+    """x(t - τ_j) for every j: the history before t0, the stored dense output after it.
+    ``left`` chooses the side at a boundary (see _history.lookup)."""
+    m = taus.shape[0]
+    qs = t - taus
+    history = lambda q: jnp.asarray(prob.history(q, p), like.dtype)
+    from_hist = jax.vmap(history)(qs)
+    from_buf = jax.vmap(lambda q: _history.lookup(hist, q, left))(qs)
+    in_hist = (qs <= t0) if left else (qs < t0)
+    return jnp.where(jnp.reshape(in_hist, (m,) + (1,) * like.ndim), from_hist, from_buf)
+
+
+def unified_rhs(prob):
+    """rhs(t, x, lagged, p) for both problem kinds (an ODE ignores ``lagged``)."""
+    if isinstance(prob, ODEProblem):
+        return lambda t, x, lagged, p: prob.rhs(t, x, p)
+    return prob.rhs
+
+
+def build(prob, p, saveat, opts: Options, *, keep_all=False, extra_stops=None, capacity=None) -> Built:
+    """keep_all: record the dense output of every step (also for an ODE), never evicting.
+    extra_stops: more times to land on (checkpoints). capacity: history buffer size."""
+    y0 = initial_state(prob, p)
+    dtype = y0.dtype
+    t0, t1 = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
+    capacity = opts.history_size if capacity is None else capacity
+    keep_from = jnp.asarray(-jnp.inf, dtype) if keep_all else None
+    if isinstance(prob, ODEProblem):
+        out = jax.eval_shape(lambda: prob.rhs(jnp.zeros((), dtype), y0, p))
+        check_shape(out, y0, "rhs(t, x, p)")
+        rhs = Rhs(eval=lambda hist, t, y, left: prob.rhs(t, y, p), cap=jnp.asarray(jnp.inf, dtype),
+                  max_delay=jnp.zeros((), dtype), keep_from=keep_from)
+        taus, bps = None, None
+        hist0 = _history.empty(capacity, opts.tableau.degree, y0) if keep_all else None
+    else:
+        taus = delays_of(prob, p, dtype)
+        check_shape(jax.eval_shape(lambda: jnp.asarray(prob.history(t0, p))), y0, "history(t, p)")
+        lag_shape = (taus.shape[0],) + y0.shape
+        out = jax.eval_shape(lambda: prob.rhs(t0, y0, jnp.zeros(lag_shape, dtype), p))
+        check_shape(out, y0, "rhs(t, x, lagged, p)")
+
+        def evaluate(hist, t, y, left):
+            return prob.rhs(t, y, lagged_values(prob, p, taus, t0, hist, t, left, y), p)
+
+        rhs = Rhs(eval=evaluate, cap=jax.lax.stop_gradient(jnp.min(taus)),
+                  max_delay=jax.lax.stop_gradient(jnp.max(taus)), keep_from=keep_from)
+        bps = breakpoint_times(t0, taus, opts.tableau.order + 1) if opts.track_breakpoints else None
+        hist0 = _history.empty(capacity, opts.tableau.degree, y0)
+    land = saveat if opts.land_on_saveat else saveat[:0]
+    if extra_stops is not None:
+        land = jnp.concatenate([land, extra_stops.astype(dtype)])
+    stops, stop_is_bp = stop_times(t0, t1, land, bps)
+    return Built(rhs, y0, t0, t1, saveat, stops, stop_is_bp, hist0, taus, jnp.asarray(opts.rtol, dtype),
+                 jnp.asarray(opts.atol, dtype))
