@@ -23,9 +23,11 @@ def multi_indices(m: int, max_level: int) -> np.ndarray:
 
 
 def breakpoint_times(t0, delays, max_level: int):
-    """t0 + n·τ for every multi-index n with 1 <= |n| <= max_level (unsorted)."""
+    """o + n·τ for every origin o in t0 (a scalar or 1-D array) and multi-index n with
+    1 <= |n| <= max_level (unsorted, flattened)."""
     n = multi_indices(delays.shape[0], max_level)
-    return t0 + jnp.asarray(n, delays.dtype) @ delays
+    shifts = jnp.asarray(n, delays.dtype) @ delays
+    return jnp.reshape(jnp.reshape(jnp.asarray(t0, delays.dtype), (-1, 1)) + shifts[None, :], (-1,))
 
 
 def stop_times(t0, t1, saveat, breakpoints):

@@ -47,6 +47,7 @@ class LoopState(NamedTuple):
     save_idx: jax.Array
     hist: Any  # _history.History for a DDE, None for an ODE
     acc: Any  # quadrature accumulator (see Rhs.quadrature), or None
+    probes: Any  # state recorded on landing at each probe time (before any impulse), or None
     accepted: jax.Array
     rejected: jax.Array
     rhs_evals: jax.Array
@@ -64,7 +65,8 @@ class Rhs(NamedTuple):
     quadrature: Callable | None = None  # quadrature(t_a, t_b, coeffs) -> increment of LoopState.acc
 
 
-def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, hist0, acc0=None) -> LoopState:
+def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, hist0, acc0=None,
+               probe_shape=None) -> LoopState:
     """The loop state at t0: first stage, first step size, and the save at t0 if asked."""
     tab = cfg.tableau
     dtype = y0.dtype
@@ -82,19 +84,21 @@ def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, h
     return LoopState(
         t=t0, y=y0, k1=k1, h=lax.stop_gradient(h0), prev_err=cfg.controller.init_state(dtype),
         last_rejected=jnp.asarray(False), nonfinite=jnp.asarray(False), ys=ys,
-        save_idx=at_t0.astype(jnp.int32), hist=hist0, acc=acc0, accepted=jnp.zeros((), jnp.int32),
+        save_idx=at_t0.astype(jnp.int32), hist=hist0, acc=acc0,
+        probes=None if probe_shape is None else jnp.zeros(probe_shape, dtype), accepted=jnp.zeros((), jnp.int32),
         rejected=jnp.zeros((), jnp.int32), rhs_evals=jnp.asarray(evals, jnp.int32),
         status=jnp.asarray(OK, jnp.int32))
 
 
 def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_bp, rtol, atol, dt0,
-        kind="lax", checkpoints=None, impulses=None) -> LoopState:
+        kind="lax", checkpoints=None, impulses=None, probe_times=None, probe_fn=None) -> LoopState:
     """Step from ``state`` until t1 (or an error status).
 
     kind: "lax" (forward-mode differentiable) or "checkpointed" (reverse-mode, equinox's
     online-checkpointed loop). impulses: optional (len(saveat), *shape) added to the state
     right after it is saved at each save time (the adjoint's jumps at observations); the
-    first stage is then recomputed.
+    first stage is then recomputed. probe_times: record, on landing exactly at each,
+    ``probe_fn(hist, t, y)`` (default: y before any impulse) into LoopState.probes.
     """
     tab = cfg.tableau
     dtype = state.y.dtype
@@ -151,6 +155,14 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
         else:
             ys, save_idx = _save_interpolated_masked(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
+        probes = st.probes
+        if probe_times is not None:
+            on_probe = accept & (probe_times == t_next)
+            if probe_fn is None:
+                probes = jnp.where(jnp.reshape(on_probe, (-1,) + (1,) * y1.ndim), y1, probes)
+            else:
+                value = lax.cond(jnp.any(on_probe), lambda: probe_fn(hist, t_next, y1), lambda: probes[0])
+                probes = jnp.where(on_probe[:, None], value[None], probes)
         if impulses is not None:
             y_new = y_new + jnp.where(hit, impulses[j], jnp.zeros_like(y_new))
 
@@ -177,7 +189,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         return LoopState(
             t=t_new, y=y_new, k1=k1, h=h_new, prev_err=jnp.where(accept, prev_err, st.prev_err),
             last_rejected=~accept, nonfinite=~finite, ys=ys, save_idx=save_idx,
-            hist=hist, acc=acc, accepted=accepted, rejected=rejected, rhs_evals=st.rhs_evals + evals,
+            hist=hist, acc=acc, probes=probes, accepted=accepted, rejected=rejected, rhs_evals=st.rhs_evals + evals,
             status=status.astype(jnp.int32))
 
     if kind == "lax":

@@ -1,0 +1,294 @@
+"""The continuous adjoints (DESIGN.md, "The mathematics"), for ODEs and DDEs.
+
+The backward sweep runs in reversed time s = -t through the same loop as the forward
+solve. For a DDE the adjoint is an advanced equation,
+    λ'(t) = -f_x(t)ᵀλ(t) - Σ_j μ_j(t + τ_j),   μ_j(u) = f_{y_j}(u)ᵀλ(u) (0 for u > T),
+which in s is an ordinary *retarded* DDE: λ(t + τ_j) = Λ(s - τ_j) is read from the backward
+sweep's own dense output (a ring buffer holding λ only), with zero history before s = -T.
+Its breakpoints are every observation time and T shifted by Σ n_j τ_j, plus the forward
+ones. Observations add ∂ℓ_k/∂x to λ as impulses.
+
+Every gradient term except one comes from a single vector–Jacobian product of
+    p ↦ f(t, x(t), [x(t - τ_j(p)) from the stored dense output or history(·, p)], p)
+with x(t) and the stored output held fixed: it yields f_pᵀλ, the history term φ_pᵀμ_j and
+the delay term -μ_jᵀ x'(t - τ_j) at once. The remaining one is the discontinuity term
+λ(t0+τ_j)ᵀ[f(y_j = φ(t0⁻)) - f(y_j = x0)], computed from λ probed at t0 + τ_j.
+
+InterpolatingAdjoint and BacksolveAdjoint integrate ∫ f_pᵀλ as part of the backward state;
+QuadratureAdjoint integrates λ alone and accumulates it by Gauss–Legendre quadrature.
+"""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from .. import _forward, _history
+from .._breakpoints import breakpoint_times, stop_times
+from .._problem import DDEProblem
+from .._setup import build, delays_of, initial_state, lagged_values, unified_rhs
+from ._objects import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint
+
+
+def adjoint_solve(prob, p, saveat, opts, sens):
+    from .._solve import check_status, stats_of
+
+    is_dde = isinstance(prob, DDEProblem)
+    checkpoint_times = _checkpoint_times(prob, p, sens) if isinstance(sens, InterpolatingAdjoint) else None
+
+    def forward(p, saveat):
+        keep_all = isinstance(sens, QuadratureAdjoint)
+        built = build(prob, p, saveat, opts, keep_all=keep_all,
+                      extra_stops=None if checkpoint_times is None else checkpoint_times[1:-1])
+        cfg = opts.loop_config()
+        probe_times, probe_fn, probe_shape = None, None, None
+        if is_dde:  # x and the delayed values at each t0 + τ_j, for the discontinuity terms
+            probe_times = built.t0 + built.taus
+            probe_fn = lambda hist, t, y: jnp.concatenate(
+                [y.ravel(), lagged_values(prob, p, built.taus, built.t0, hist, t, True, y).ravel()])
+            probe_shape = (built.taus.shape[0], built.y0.size * (1 + built.taus.shape[0]))
+        state = _forward.init_state(cfg, built.rhs, built.y0, built.t0, built.t1, saveat, built.rtol,
+                                    built.atol, opts.dt0, built.hist0, probe_shape=probe_shape)
+        run = lambda st, t_end: _forward.run(cfg, built.rhs, st, t_end, saveat, built.stops, built.stop_is_bp,
+                                             built.rtol, built.atol, opts.dt0, probe_times=probe_times,
+                                             probe_fn=probe_fn)
+        if checkpoint_times is None:
+            final = run(state, built.t1)
+            residual = final.hist if keep_all else final.y
+        else:
+            final, residual = jax.lax.scan(lambda st, t_end: (run(st, t_end), st), state, checkpoint_times[1:])
+        ys = check_status(final.ys, final.status, opts)
+        return (ys, stats_of(final)), (residual, final.probes)
+
+    @jax.custom_vjp
+    def solve_adj(p, saveat):
+        return forward(p, saveat)[0]
+
+    def fwd(p, saveat):
+        out, residual = forward(p, saveat)
+        return out, (p, saveat, out[0], residual)
+
+    def bwd(res, ct):
+        p, saveat, ys, (residual, fwd_probes) = res
+        grad = _backward(prob, p, saveat, ct[0], residual, fwd_probes, opts, sens, is_dde, checkpoint_times)
+        return grad, jnp.zeros_like(saveat)
+
+    solve_adj.defvjp(fwd, bwd)
+    return solve_adj(p, saveat)
+
+
+def _checkpoint_times(prob, p, sens):
+    dtype = initial_state(prob, p).dtype
+    t0, t1 = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
+    return t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, sens.checkpoints + 1, dtype=dtype)
+
+
+class _Forward:
+    """Forward-solution oracle for the backward sweep: x(t) and the delayed values at t,
+    read from a history buffer of dense output (values before t0 from the history)."""
+
+    def __init__(self, prob, t0, hist, like):
+        self.prob, self.t0, self.hist, self.like = prob, t0, hist, like
+        self.is_dde = isinstance(prob, DDEProblem)
+
+    def x(self, t, left, p):
+        value = _history.lookup(self.hist, t, left)
+        if self.is_dde:
+            before = (t <= self.t0) if left else (t < self.t0)
+            value = jnp.where(before, jnp.asarray(self.prob.history(t, p), self.like.dtype), value)
+        return value
+
+    def lags(self, t, left, p):
+        if not self.is_dde:
+            return None
+        taus = delays_of(self.prob, p, self.like.dtype)
+        return lagged_values(self.prob, p, taus, self.t0, self.hist, t, left, self.like)
+
+
+def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, checkpoint_times):
+    from .._solve import check_status
+
+    y0 = initial_state(prob, p)
+    dtype, shape, n = y0.dtype, y0.shape, y0.size
+    p_flat, unravel = ravel_pytree(p)
+    n_p = p_flat.size
+    f = unified_rhs(prob)
+    t0, T = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
+    taus = jax.lax.stop_gradient(delays_of(prob, p, dtype)) if is_dde else None
+    backsolve = isinstance(sens, BacksolveAdjoint)
+    quadrature = isinstance(sens, QuadratureAdjoint)
+    augmented = not quadrature
+    ct_ys = jnp.asarray(ct_ys, dtype)
+
+    # layout of the backward state Z: [λ, x (backsolve only), ∫ f_pᵀλ (augmented only)]
+    def split(Z):
+        lam = Z[:n].reshape(shape)
+        x = Z[n:2 * n].reshape(shape) if backsolve else None
+        return lam, x
+
+    def vjp_terms(t, x, lam, fwd, left):
+        """(f_xᵀλ + 0, ∂/∂p f(t, x, lags(t; p), p)ᵀλ, f) at one time."""
+        def F(x, pf):
+            pp = unravel(pf)
+            lags = fwd.lags(t, left, pp) if fwd is not None else None
+            return f(t, x, lags, pp)
+
+        fx, vjp = jax.vjp(F, x, p_flat)
+        dx, dp = vjp(lam)
+        return dx, dp, fx
+
+    def advanced(t, lam_adv, fwd, left):
+        """Σ_j μ_j(t + τ_j) with λ(t + τ_j) = lam_adv[j] (zero beyond T)."""
+        total = jnp.zeros(shape, dtype)
+        for j in range(taus.shape[0]):
+            u = t + taus[j]
+            x_u, lags_u = fwd.x(u, left, p), fwd.lags(u, left, p)
+            _, vjp = jax.vjp(lambda lg: f(u, x_u, lg, p), lags_u)
+            total = total + vjp(lam_adv[j].reshape(shape))[0][j]
+        return total
+
+    s_start, s_end = -T, -t0
+    zero_history = types.SimpleNamespace(history=lambda q, _p: jnp.zeros((n,), dtype))
+
+    def make_rhs(fwd, keep_from):
+        def evaluate(hist_b, s, Z, left):
+            t = -s
+            lam, x_state = split(Z)
+            fwd_left = not left  # reversed time: the interior of a backward step lies on the other side
+            x = x_state if backsolve else fwd.x(t, fwd_left, p)
+            dx, dp, fx = vjp_terms(t, x, lam, None if backsolve else fwd, fwd_left)
+            dlam = dx
+            if is_dde:
+                lam_adv = lagged_values(zero_history, p, taus, s_start, hist_b, s, left, Z[:n])
+                dlam = dlam + advanced(t, lam_adv, fwd, fwd_left)
+            parts = [dlam.ravel()]
+            if backsolve:
+                parts.append(-fx.ravel())
+            if augmented:
+                parts.append(dp)
+            return jnp.concatenate(parts)
+
+        quad = None
+        if quadrature:
+            nodes, weights = np.polynomial.legendre.leggauss(sens.nodes)
+            nodes, weights = (nodes + 1) / 2, weights / 2
+
+            def quad(s_a, s_b, coeffs):
+                total = jnp.zeros((n_p,), dtype)
+                for th, w in zip(nodes, weights):
+                    s = s_a + th * (s_b - s_a)
+                    lam = _history.horner(coeffs, th).reshape(shape)
+                    _, dp, _ = vjp_terms(-s, fwd.x(-s, False, p), lam, fwd, False)
+                    total = total + (w * (s_b - s_a)) * dp
+                return total
+
+        cap = jnp.min(taus) if is_dde else jnp.asarray(jnp.inf, dtype)
+        max_delay = jnp.max(taus) if is_dde else jnp.zeros((), dtype)
+        return _forward.Rhs(eval=evaluate, cap=cap, max_delay=max_delay, keep_from=keep_from,
+                            hist_dim=n if is_dde else None, quadrature=quad)
+
+    # backward save times (observations, reversed) and their impulses
+    s_obs = -saveat[::-1]
+    g = ct_ys[::-1].reshape(saveat.shape[0], n)
+    at_T = s_obs == s_start
+    size_z = n * (2 if backsolve else 1) + (n_p if augmented else 0)
+    impulses = jnp.zeros((saveat.shape[0], size_z), dtype).at[:, :n].set(jnp.where(at_T[:, None], 0.0, g))
+    Z0 = jnp.zeros((size_z,), dtype).at[:n].set(jnp.sum(jnp.where(at_T[:, None], g, 0.0), axis=0))
+    if backsolve:
+        Z0 = Z0.at[n:2 * n].set(residual.ravel())
+
+    # backward stops: observations and T propagated by Σ nτ, forward breakpoints, segment ends
+    level = opts.tableau.order + 1
+    bps = None
+    if is_dde:
+        origins = jnp.concatenate([s_start[None], s_obs])
+        forward_bps = -breakpoint_times(t0, taus, level)
+        bps = jnp.concatenate([breakpoint_times(origins, taus, level), forward_bps])
+    extra = s_obs if checkpoint_times is None else jnp.concatenate([s_obs, -checkpoint_times[1:-1]])
+    stops, stop_is_bp = stop_times(s_start, s_end, extra, bps)
+    probe_times = -(t0 + taus) if is_dde else None
+
+    cfg = _forward.LoopConfig(opts.tableau, opts.controller, opts.max_steps, opts.history_size, True)
+    rtol, atol = jnp.asarray(opts.rtol, dtype), jnp.asarray(opts.atol, dtype)
+    hist_b = _history.empty(opts.history_size, opts.tableau.degree, Z0[:n]) if is_dde else None
+    acc0 = jnp.zeros((n_p,), dtype) if quadrature else None
+    probe_shape = (taus.shape[0], size_z) if is_dde else None
+
+    def sweep(state, fwd, s_to, keep_from=None):
+        rhs = make_rhs(fwd, keep_from)
+        if state is None:
+            state = _forward.init_state(cfg, rhs, Z0, s_start, s_end, s_obs, rtol, atol, None, hist_b, acc0,
+                                        probe_shape=probe_shape)
+        return _forward.run(cfg, rhs, state, s_to, s_obs, stops, stop_is_bp, rtol, atol, None,
+                            impulses=impulses, probe_times=probe_times)
+
+    if checkpoint_times is None:
+        fwd = None if backsolve else _Forward(prob, t0, residual, y0)
+        final = sweep(None, fwd, s_end)
+    else:
+        final = _interpolating_sweep(prob, p, saveat, opts, residual, checkpoint_times, sweep, y0, taus)
+    Z = check_status(final.y, final.status, opts)
+
+    lam0 = Z[:n].reshape(shape)
+    grad = final.acc if quadrature else Z[size_z - n_p:]
+    grad = grad + ravel_pytree(jax.vjp(lambda q: initial_state(prob, q), p)[1](lam0)[0])[0]
+    if is_dde:
+        grad = grad + _jump_terms(prob, p, final.probes[:, :n], fwd_probes, taus, t0, y0, f)
+    return unravel(grad)
+
+
+def _jump_terms(prob, p, lam_probe, fwd_probes, taus, t0, y0, f):
+    """Σ_j ∂τ_j/∂p · λ(t0+τ_j)ᵀ[f(…, y_j = φ(t0⁻), …) - f(…, y_j = x0, …)] (DESIGN.md).
+
+    λ(t0+τ_j) is the backward value before the impulse of an observation at that very time:
+    such an observation is counted as lying before the breakpoint (the right derivative in τ,
+    matching what the discrete methods return)."""
+    dtype, shape, n, m = y0.dtype, y0.shape, y0.size, taus.shape[0]
+    phi0 = jnp.asarray(prob.history(t0, p), dtype)
+    brackets = []
+    for j in range(m):
+        t = t0 + taus[j]
+        x_t = fwd_probes[j, :n].reshape(shape)
+        lags = fwd_probes[j, n:].reshape((m,) + shape)
+        jump = f(t, x_t, lags.at[j].set(phi0), p) - f(t, x_t, lags.at[j].set(y0), p)
+        brackets.append(jnp.sum(lam_probe[j].reshape(shape) * jump))
+    _, vjp = jax.vjp(lambda q: delays_of(prob, q, dtype), p)
+    return ravel_pytree(vjp(jnp.stack(brackets))[0])[0]
+
+
+def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, sweep, y0, taus):
+    """Backward over the segments in reverse; each segment's forward solution is re-solved from
+    its checkpoint (for a DDE on to c_{i+1} + max τ, where the advanced terms read it)."""
+    is_dde = taus is not None
+    built = build(prob, p, saveat, opts, keep_all=not is_dde, extra_stops=checkpoint_times[1:-1])
+    cfg = opts.loop_config()
+    T = checkpoint_times[-1]
+    max_tau = jnp.max(taus) if is_dde else jnp.zeros((), y0.dtype)
+    n_seg = checkpoint_times.shape[0] - 1
+
+    def resolve(i, ck):
+        c_i, c_next = checkpoint_times[i], checkpoint_times[i + 1]
+        rhs = built.rhs._replace(keep_from=c_i - max_tau) if is_dde else built.rhs
+        if not is_dde:
+            ck = ck._replace(hist=_history.empty(opts.history_size, opts.tableau.degree, y0))
+        t_end = jnp.minimum(c_next + max_tau, T)
+        fin = _forward.run(cfg, rhs, ck, t_end, saveat, built.stops, built.stop_is_bp, built.rtol, built.atol,
+                           opts.dt0)
+        return _Forward(prob, built.t0, fin.hist, y0), fin.status
+
+    def segment(carry, i):
+        state_b, status = carry
+        ck = jax.tree_util.tree_map(lambda a: a[i], checkpoints)
+        fwd, st = resolve(i, ck)
+        state_b = sweep(state_b, fwd, -checkpoint_times[i])
+        return (state_b, jnp.maximum(status, st)), None
+
+    last = n_seg - 1
+    fwd, status = resolve(last, jax.tree_util.tree_map(lambda a: a[last], checkpoints))
+    state_b = sweep(None, fwd, -checkpoint_times[last])
+    (state_b, status), _ = jax.lax.scan(segment, (state_b, status), jnp.arange(last - 1, -1, -1))
+    return state_b._replace(status=jnp.where(status != _forward.OK, status, state_b.status))
