@@ -115,10 +115,16 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     y0 = initial_state(prob, p)
     dtype, shape, n = y0.dtype, y0.shape, y0.size
     p_flat, unravel = ravel_pytree(p)
+    if is_dde and _under_forward_mode(p_flat, ct_ys):
+        raise NotImplementedError(
+            "ndde: differentiating the gradient of a DDE continuous adjoint (jax.jvp of jax.grad, a "
+            "Hessian-vector product) is not supported: the sweep's dependence on moving breakpoints is "
+            "not differentiated correctly yet. Use sensitivity=ForwardMode() or Backprop() for "
+            "second derivatives of a DDE (both are exact); every method supports them for ODEs.")
     n_p = p_flat.size
     f = unified_rhs(prob)
     t0, T = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
-    taus = jax.lax.stop_gradient(delays_of(prob, p, dtype)) if is_dde else None
+    taus = delays_of(prob, p, dtype) if is_dde else None
     backsolve = isinstance(sens, BacksolveAdjoint)
     quadrature = isinstance(sens, QuadratureAdjoint)
     augmented = not quadrature
@@ -186,8 +192,8 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
                     total = total + (w * (s_b - s_a)) * dp
                 return total
 
-        cap = jnp.min(taus) if is_dde else jnp.asarray(jnp.inf, dtype)
-        max_delay = jnp.max(taus) if is_dde else jnp.zeros((), dtype)
+        cap = jax.lax.stop_gradient(jnp.min(taus)) if is_dde else jnp.asarray(jnp.inf, dtype)
+        max_delay = jax.lax.stop_gradient(jnp.max(taus)) if is_dde else jnp.zeros((), dtype)
         return _forward.Rhs(eval=evaluate, cap=cap, max_delay=max_delay, keep_from=keep_from,
                             hist_dim=n if is_dde else None, quadrature=quad)
 
@@ -239,6 +245,12 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     if is_dde:
         grad = grad + _jump_terms(prob, p, final.probes[:, :n], fwd_probes, taus, t0, y0, f)
     return unravel(grad)
+
+
+def _under_forward_mode(*arrays) -> bool:
+    from jax.interpreters import ad
+
+    return any(isinstance(a, ad.JVPTracer) for a in arrays)
 
 
 def _jump_terms(prob, p, lam_probe, fwd_probes, taus, t0, y0, f):
