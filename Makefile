@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ndde demo --out demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 bench: $(STAMP)
 	$(PY) bench/solve.py

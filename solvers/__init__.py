@@ -1,6 +1,7 @@
 """ndde.solvers: ODE and DDE solvers in JAX with breakpoint tracking, dense history and
 every sensitivity method (see ``solvers.sensitivity``)."""
 
+from ._compare import Comparison, compare_sensitivities
 from ._controller import ConstantStepSize, PIController
 from ._problem import DDEProblem, GradientField, ODEProblem, canonical_hamiltonian_j
 from ._solve import Solution, solve
@@ -11,5 +12,6 @@ __all__ = [
     "ODEProblem", "DDEProblem", "GradientField", "canonical_hamiltonian_j", "solve", "Solution",
     "ExplicitRK", "ButcherTableau", "Tsit5", "Dopri5", "Bosh3", "RK4", "Euler",
     "PIController", "ConstantStepSize",
+    "compare_sensitivities", "Comparison",
     "Backprop", "ForwardMode", "BacksolveAdjoint", "InterpolatingAdjoint", "QuadratureAdjoint",
 ]

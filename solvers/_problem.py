@@ -55,6 +55,28 @@ class GradientField(eqx.Module):
     H: Callable
     J: Any
     extra: Callable | None = None
+    adjoint_vjp: str = eqx.field(default="forward-over-reverse", static=True)
+
+    def __check_init__(self):
+        allowed = ("forward-over-reverse", "reverse-over-reverse")
+        if self.adjoint_vjp not in allowed:
+            raise ValueError(f"GradientField: adjoint_vjp must be one of {allowed}, got {self.adjoint_vjp!r}")
+
+    def vjp_with(self, t, x, p, lam):
+        """(f, f_xᵀλ, f_pᵀλ) by one forward-over-reverse pass: the jvp of x ↦ (∇ₓH, ∇_pH) in
+        the direction v = Jᵀλ gives ∇²ₓH v and ∇_p(∇ₓH·v) together (DESIGN.md, Nested AD)."""
+        J = jnp.asarray(self.J, x.dtype)
+        v = lam @ J
+        grads = lambda x, p: jax.grad(self.H, argnums=(0, 1))(x, p)
+        zero_p = jax.tree_util.tree_map(jnp.zeros_like, p)
+        (gx, _), (hx, hp) = jax.jvp(grads, (x, p), (v, zero_p))
+        f = gx @ J.T
+        if self.extra is not None:
+            fe, vjp = jax.vjp(lambda x, p: self.extra(t, x, p), x, p)
+            ex, ep = vjp(lam)
+            f, hx = f + fe, hx + ex
+            hp = jax.tree_util.tree_map(jnp.add, hp, ep)
+        return f, hx, hp
 
     def __call__(self, t, x, p):
         return self.field(t, x, p)

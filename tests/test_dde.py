@@ -80,7 +80,7 @@ def test_two_delays_against_aligned_fixed_step():
     ts = jnp.array([0.5, 1.3, 2.2, 4.0])
     adaptive = sv.solve(prob, None, saveat=ts, rtol=1e-10, atol=1e-12)
     # RK4 with dt dividing both delays lands on every breakpoint by construction
-    reference = sv.solve(prob, None, saveat=ts, solver=sv.RK4(), dt0=0.0025, max_steps=20000)
+    reference = sv.solve(prob, None, saveat=ts, solver=sv.RK4(), dt0=0.0025, max_steps=20000, history_size=1024)
     np.testing.assert_allclose(adaptive.ys, reference.ys, rtol=0, atol=1e-9)
 
 

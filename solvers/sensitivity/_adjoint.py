@@ -29,7 +29,7 @@ from jax.flatten_util import ravel_pytree
 
 from .. import _forward, _history
 from .._breakpoints import breakpoint_times, stop_times
-from .._problem import DDEProblem
+from .._problem import DDEProblem, GradientField
 from .._setup import build, delays_of, initial_state, lagged_values, unified_rhs
 from ._objects import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint
 
@@ -65,8 +65,11 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         return (ys, stats_of(final)), (residual, final.probes)
 
     @jax.custom_vjp
-    def solve_adj(p, saveat):
-        return forward(p, saveat)[0]
+    def solve_adj(p, saveat):  # not differentiated: the plain forward solve, no checkpoint stops
+        from .._solve import forward_solve
+
+        final, _ = forward_solve(prob, p, saveat, opts)
+        return check_status(final.ys, final.status, opts), stats_of(final)
 
     def fwd(p, saveat):
         out, residual = forward(p, saveat)
@@ -136,8 +139,16 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         x = Z[n:2 * n].reshape(shape) if backsolve else None
         return lam, x
 
+    field = getattr(prob, "rhs", None)
+    fwd_over_rev = (isinstance(field, GradientField) and not is_dde
+                    and field.adjoint_vjp == "forward-over-reverse")
+
     def vjp_terms(t, x, lam, fwd, left):
-        """(f_xᵀλ + 0, ∂/∂p f(t, x, lags(t; p), p)ᵀλ, f) at one time."""
+        """(f_xᵀλ, ∂/∂p f(t, x, lags(t; p), p)ᵀλ, f) at one time."""
+        if fwd_over_rev:
+            fx, dx, dp = field.vjp_with(t, x, p, lam)
+            return dx, ravel_pytree(dp)[0], fx
+
         def F(x, pf):
             pp = unravel(pf)
             lags = fwd.lags(t, left, pp) if fwd is not None else None
@@ -185,7 +196,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
 
             def quad(s_a, s_b, coeffs):
                 total = jnp.zeros((n_p,), dtype)
-                for th, w in zip(nodes, weights):
+                for th, w in zip(nodes.tolist(), weights.tolist()):  # Python floats: dtype follows s
                     s = s_a + th * (s_b - s_a)
                     lam = _history.horner(coeffs, th).reshape(shape)
                     _, dp, _ = vjp_terms(-s, fwd.x(-s, False, p), lam, fwd, False)

@@ -1,0 +1,160 @@
+"""Gradient benchmark (issue: sensitivities). Prints tables, writes bench/results/grad.md and
+bench/results/memory.png.
+
+1. HNN (bench/problems.py, B = 256 as one system, float64, 50 observations, loss = mean of
+   ys²): every ODE method next to diffrax's RecursiveCheckpointAdjoint and BacksolveAdjoint,
+   same process: gradient time, grad/forward, relative difference to diffrax's gradient.
+   Both GradientField VJP variants for the continuous adjoints.
+2. Neural DDE (MLP 4-64-64-2, τ = 1, B = 256): gradient time and grad/forward per method
+   (ForwardMode omitted: its cost is one jvp per parameter, thousands here).
+3. Peak temporary memory of the compiled gradient vs T for Backprop and InterpolatingAdjoint
+   (XLA's memory analysis of the compiled program; deterministic).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+import jax.numpy as jnp  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import solvers as sv  # noqa: E402
+from problems import hnn_setup, mlp, ndde_setup  # noqa: E402
+from timing import median_time, versions  # noqa: E402
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+
+
+def _rel(a, b):
+    fa, fb = ravel_pytree(a)[0], ravel_pytree(b)[0]
+    return float(jnp.max(jnp.abs(fa - fb)) / jnp.max(jnp.abs(fb)))
+
+
+def hnn_rows(B=256):
+    import diffrax
+
+    H, J, rhs, params, x0 = hnn_setup(B)
+    ts = jnp.linspace(0.0, 10.0, 50)
+    kw = dict(saveat=ts, rtol=1e-6, atol=1e-8, land_on_saveat=False)
+    loss = lambda ys: jnp.mean(ys**2)
+
+    def dfx_solve(p, adjoint):
+        sol = diffrax.diffeqsolve(diffrax.ODETerm(rhs), diffrax.Tsit5(), 0.0, 10.0, None, x0, args=p,
+                                  saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=4096,
+                                  stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8))
+        return loss(sol.ys)
+
+    fwd = jax.jit(lambda p: sv.solve(sv.ODEProblem(rhs, x0, 0.0, 10.0), p, **kw).ys)
+    t_fwd = median_time(fwd, params)
+    ref_fn = jax.jit(jax.grad(lambda p: dfx_solve(p, diffrax.RecursiveCheckpointAdjoint())))
+    g_ref = ref_fn(params)
+    t_ref = median_time(ref_fn, params)
+    rows = [("ndde forward (land_on_saveat=False)", t_fwd, 1.0, None)]
+    variants = [("Backprop", sv.Backprop(), rhs), ("ForwardMode", sv.ForwardMode(), rhs)]
+    for vjp in ("forward-over-reverse", "reverse-over-reverse"):
+        field = sv.GradientField(lambda x, p: jnp.sum(mlp(p, x)), J, adjoint_vjp=vjp)
+        for name, sens in (("BacksolveAdjoint", sv.BacksolveAdjoint()), ("InterpolatingAdjoint", sv.InterpolatingAdjoint()),
+                           ("QuadratureAdjoint", sv.QuadratureAdjoint())):
+            variants.append((f"{name} [GradientField {vjp}]", sens, field))
+    for name, sens, field in variants:
+        prob = sv.ODEProblem(field, x0, 0.0, 10.0)
+        if isinstance(sens, sv.ForwardMode):
+            n_params = ravel_pytree(params)[0].size
+            rows.append((f"{name}: not timed (one jvp per parameter: {n_params} here)", None, None, None))
+            continue
+        fn = jax.jit(jax.grad(lambda p, prob=prob, sens=sens: loss(sv.solve(prob, p, sensitivity=sens, **kw).ys)))
+        g = fn(params)
+        t = median_time(fn, params, repeats=5)
+        rows.append((f"ndde {name}", t, t / t_fwd, _rel(g, g_ref)))
+    rows.append(("diffrax RecursiveCheckpointAdjoint", t_ref, None, 0.0))
+    back_fn = jax.jit(jax.grad(lambda p: dfx_solve(p, diffrax.BacksolveAdjoint())))
+    g_b = back_fn(params)
+    rows.append(("diffrax BacksolveAdjoint", median_time(back_fn, params, repeats=3), None, _rel(g_b, g_ref)))
+    return rows, t_ref
+
+
+def ndde_rows(B=256):
+    rhs, params, x_hist = ndde_setup(B)
+    prob = sv.DDEProblem(rhs, lambda t, p: x_hist, lambda p: jnp.array([1.0]), 0.0, 10.0)
+    ts = jnp.linspace(0.5, 10.0, 20)
+    loss = lambda ys: jnp.mean(ys**2)
+    fwd = jax.jit(lambda p: sv.solve(prob, p, saveat=ts, rtol=1e-6, atol=1e-8).ys)
+    t_fwd = median_time(fwd, params)
+    rows, grads = [("ndde forward", t_fwd, 1.0, None)], {}
+    for name, sens in (("Backprop", sv.Backprop()), ("InterpolatingAdjoint", sv.InterpolatingAdjoint()),
+                       ("QuadratureAdjoint", sv.QuadratureAdjoint())):
+        fn = jax.jit(jax.grad(lambda p, s=sens: loss(sv.solve(prob, p, saveat=ts, rtol=1e-6, atol=1e-8,
+                                                               sensitivity=s).ys)))
+        grads[name] = fn(params)
+        t = median_time(fn, params, repeats=5)
+        rows.append((f"ndde {name}", t, t / t_fwd, None))
+    ref = grads["Backprop"]
+    rows = [(n, t, r, _rel(grads[n.split()[-1]], ref) if n.split()[-1] in grads else d) for n, t, r, d in rows]
+    return rows
+
+
+def memory_rows(B=64):
+    rhs, params, x_hist = ndde_setup(B)
+    out = []
+    for T in (10.0, 40.0, 160.0):
+        prob = sv.DDEProblem(rhs, lambda t, p: x_hist, lambda p: jnp.array([1.0]), 0.0, T)
+        for name, sens in (("Backprop", sv.Backprop()), ("InterpolatingAdjoint(16)", sv.InterpolatingAdjoint(16))):
+            max_steps = int(64 * T)
+            f = jax.jit(jax.grad(lambda p, s=sens: jnp.mean(sv.solve(prob, p, rtol=1e-6, atol=1e-8, sensitivity=s,
+                                                                       max_steps=max_steps).ys ** 2)))
+            mem = f.lower(params).compile().memory_analysis()
+            out.append((name, T, max_steps, mem.temp_size_in_bytes / 2**20))
+    return out
+
+
+def _plot(mem):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in sorted({m[0] for m in mem}):
+        pts = [(T, mb) for n, T, _, mb in mem if n == name]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    ax.set(xscale="log", yscale="log", xlabel="T (max_steps = 64 T)", ylabel="peak temp memory (MiB)",
+           title="Neural DDE gradient, B = 64: compiled peak memory")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "memory.png", dpi=100)
+
+
+def _fmt(rows):
+    lines = ["| case | median time (s) | grad / forward | max rel. diff to reference |", "|---|---|---|---|"]
+    for name, t, r, d in rows:
+        cell = lambda v, f: "" if v is None else format(v, f)
+        lines.append(f"| {name} | {cell(t, '.4f')} | {cell(r, '.2f')} | {cell(d, '.1e')} |")
+    return "\n".join(lines)
+
+
+def main():
+    RESULTS.mkdir(exist_ok=True)
+    hnn, t_ref = hnn_rows()
+    best = min(t for n, t, r, d in hnn if n.startswith("ndde ") and "forward" not in n and t is not None)
+    dde = ndde_rows()
+    mem = memory_rows()
+    _plot(mem)
+    text = ["## HNN gradient (B = 256, float64; reference: diffrax RecursiveCheckpointAdjoint)", _fmt(hnn),
+            f"\nbest ndde method / diffrax RecursiveCheckpointAdjoint = {best / t_ref:.2f}\n",
+            "## Neural DDE gradient (B = 256, float64; reference: ndde Backprop)", _fmt(dde),
+            "\n## Peak temporary memory of the compiled gradient (neural DDE, B = 64)",
+            "| method | T | max_steps | MiB |", "|---|---|---|---|"]
+    text += [f"| {n} | {T:g} | {ms} | {mb:.1f} |" for n, T, ms, mb in mem]
+    text.append("\n" + ", ".join(f"{k} {v}" for k, v in versions().items()))
+    out = "\n".join(text) + "\n"
+    print(out)
+    (RESULTS / "grad.md").write_text(out)
+
+
+if __name__ == "__main__":
+    main()

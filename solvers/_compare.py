@@ -1,0 +1,98 @@
+"""compare_sensitivities: every applicable gradient method and central finite differences on
+one problem, side by side — the check the user in shared/seed/ was missing."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from ._problem import DDEProblem
+from ._solve import solve
+from .sensitivity import BacksolveAdjoint, Backprop, ForwardMode, InterpolatingAdjoint, QuadratureAdjoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """gradients: name -> flat gradient; seconds: name -> median time of a jitted
+    value_and_grad (None for finite differences); difference[a][b]: max |g_a - g_b| / max |g_b|."""
+
+    gradients: dict
+    seconds: dict
+    difference: dict
+
+    def worst(self, exclude=()) -> float:
+        names = [n for n in self.gradients if n not in exclude]
+        return max(self.difference[a][b] for a in names for b in names if a != b)
+
+    def table(self) -> str:
+        names = list(self.gradients)
+        width = max(len(n) for n in names) + 2
+        head = "method".ljust(width) + "time (s)".rjust(10) + "".join(n[:12].rjust(14) for n in names)
+        lines = [head, "-" * len(head)]
+        for a in names:
+            sec = self.seconds[a]
+            row = a.ljust(width) + (f"{sec:10.4f}" if sec is not None else "         -")
+            row += "".join(("-" if a == b else f"{self.difference[a][b]:.1e}").rjust(14) for b in names)
+            lines.append(row)
+        return "\n".join(lines)
+
+
+def _methods_for(prob):
+    methods = {"Backprop": Backprop(), "ForwardMode": ForwardMode(),
+               "InterpolatingAdjoint": InterpolatingAdjoint(), "QuadratureAdjoint": QuadratureAdjoint()}
+    if not isinstance(prob, DDEProblem):
+        methods["BacksolveAdjoint"] = BacksolveAdjoint()
+    return methods
+
+
+def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1e-6, repeats=3,
+                          verbose=True, **solve_kwargs) -> Comparison:
+    """Gradient of ``loss(sol.ys)`` w.r.t. ``p`` by every applicable method and by central
+    finite differences (float64), with timings; prints the table unless ``verbose=False``.
+
+    methods: dict name -> sensitivity (default: every method that supports the problem).
+    solve_kwargs go to ``solve`` (default tolerances here: rtol=1e-10, atol=1e-12).
+    """
+    if not jax.config.jax_enable_x64:
+        raise ValueError("compare_sensitivities needs float64: call "
+                         "jax.config.update('jax_enable_x64', True) first")
+    solve_kwargs = {"rtol": 1e-10, "atol": 1e-12, **solve_kwargs}
+    methods = _methods_for(prob) if methods is None else dict(methods)
+    p_flat, unravel = ravel_pytree(p)
+    p_flat = p_flat.astype(jnp.float64)
+
+    def objective(flat, sensitivity):
+        sol = solve(prob, unravel(flat), saveat=saveat, sensitivity=sensitivity, **solve_kwargs)
+        return loss(sol.ys)
+
+    gradients, seconds = {}, {}
+    for name, sens in methods.items():
+        fn = jax.jit(jax.value_and_grad(lambda f, s=sens: objective(f, s)))
+        _, g = jax.block_until_ready(fn(p_flat))
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(p_flat))
+            times.append(time.perf_counter() - t)
+        gradients[name], seconds[name] = np.asarray(g), statistics.median(times)
+
+    value = jax.jit(lambda f: objective(f, Backprop()))
+    fd = np.zeros(p_flat.shape[0])
+    for i in range(p_flat.shape[0]):
+        step = fd_step * max(1.0, abs(float(p_flat[i])))
+        e = jnp.zeros_like(p_flat).at[i].set(step)
+        fd[i] = (float(value(p_flat + e)) - float(value(p_flat - e))) / (2 * step)
+    gradients["finite differences"], seconds["finite differences"] = fd, None
+
+    difference = {a: {b: float(np.max(np.abs(ga - gb)) / max(np.max(np.abs(gb)), 1e-300))
+                      for b, gb in gradients.items()} for a, ga in gradients.items()}
+    result = Comparison(gradients, seconds, difference)
+    if verbose:
+        print(result.table())
+    return result

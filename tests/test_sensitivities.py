@@ -1,0 +1,192 @@
+"""Gradients by every method against exact values, each other and finite differences."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import solvers as sv
+import solvers.sensitivity._adjoint as adjoint_module
+from helpers import linear_dde, pendulum, refcase_params
+from models import OBS, delayed_gradient_flow, init, loss
+
+DDE_METHODS = [sv.Backprop(), sv.ForwardMode(), sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()]
+ODE_METHODS = DDE_METHODS + [sv.BacksolveAdjoint()]
+ids = lambda s: repr(s)
+
+
+def _dde_grads(case, sensitivity, obs=None, rtol=1e-10):
+    """Gradients of x(T) and L = Σ x(t_k)²/2 from one solve (jacrev of both)."""
+    obs = jnp.array(case["obs_times"] if obs is None else obs)
+
+    def both(p):
+        ys = sv.solve(linear_dde(case["T"]), p, saveat=obs, rtol=rtol, atol=rtol * 1e-2, sensitivity=sensitivity).ys
+        return jnp.stack([ys[-1], 0.5 * jnp.sum(ys**2)])
+
+    return jax.jacrev(both)(refcase_params(case))
+
+
+def _assert_close(got, exact, rel=1e-6):
+    for k, v in exact.items():
+        assert abs(float(got[k]) - v) <= rel * abs(v), (k, float(got[k]), v)
+
+
+@pytest.mark.parametrize("name", ["A_jump", "A_cont"])
+@pytest.mark.parametrize("sensitivity", DDE_METHODS + [sv.InterpolatingAdjoint(checkpoints=3)], ids=ids)
+def test_exact_dde_gradients(refcases, name, sensitivity):
+    case = refcases[name]
+    g = _dde_grads(case, sensitivity)
+    _assert_close({k: v[0] for k, v in g.items()}, case["grad_xT"])
+    _assert_close({k: v[1] for k, v in g.items()}, case["grad_L"])
+
+
+@pytest.mark.parametrize("sensitivity", ODE_METHODS, ids=ids)
+def test_exact_pendulum_gradient(refcases, sensitivity):
+    E = refcases["E"]
+    L = lambda p: jnp.sum(sv.solve(pendulum(), p, rtol=1e-10, atol=1e-12, sensitivity=sensitivity).ys[-1] ** 2)
+    g = jax.grad(L)({"m": 1.0, "k": 2.0, "q0": 1.0})
+    _assert_close(g, E["grad_L"])
+
+
+def test_jump_term_is_what_makes_the_delay_gradient_right(refcases, monkeypatch):
+    case = refcases["A_jump"]
+    without = case["tau_breakpoint_jump_term"]
+    with_term = _dde_grads(case, sv.QuadratureAdjoint())["tau"]
+    monkeypatch.setattr(adjoint_module, "_jump_terms", lambda *a, **k: jnp.zeros(5))
+    no_term = _dde_grads(case, sv.QuadratureAdjoint())["tau"]
+    # the version without the discontinuity term reproduces the refcase's "without" values...
+    assert abs(float(no_term[0]) - without["dxT_dtau_without_jump_term"]) < 1e-6
+    assert abs(float(no_term[1]) - without["dL_dtau_without_jump_term"]) < 1e-6
+    # ...which are far from the exact ones that the real method gets
+    assert abs(float(no_term[0]) - case["grad_xT"]["tau"]) > 0.05
+    assert abs(float(with_term[0]) - case["grad_xT"]["tau"]) < 1e-7
+
+
+@pytest.mark.parametrize("sensitivity", DDE_METHODS, ids=ids)
+def test_observation_at_the_breakpoint_gives_the_right_derivative(refcases, sensitivity):
+    """An observation exactly at t = t0 + τ makes L kinked in τ. Every method returns the right
+    derivative (τ → τ0+): the observation counts as lying in [t0, t0 + τ], before the breakpoint,
+    because a save time is a fixed time read from the step that ends there."""
+    case = refcases["A_jump"]
+    brief = case["brief_obs_times_with_t_eq_tau"]
+    right = brief["dL_dtau_right (tau->tau0+, t=1 in piece [0,tau])"]
+    left = brief["dL_dtau_left (tau->tau0-, t=1 in piece [tau,2tau])"]
+    g = _dde_grads(case, sensitivity, obs=brief["obs"])
+    assert abs(float(g["tau"][1]) - right) < 1e-6
+    assert abs(float(g["tau"][1]) - left) > 1e-2
+    _assert_close({k: g[k][1] for k in brief["dL_other"]}, brief["dL_other"])
+
+
+def test_every_dde_method_agrees_on_a_neural_delayed_gradient_flow():
+    result = sv.compare_sensitivities(delayed_gradient_flow(), init(), loss, saveat=OBS, verbose=False)
+    assert set(result.gradients) == {"Backprop", "ForwardMode", "InterpolatingAdjoint", "QuadratureAdjoint",
+                                     "finite differences"}
+    assert result.worst(exclude=("finite differences",)) <= 1e-6
+    fd = result.gradients["finite differences"]
+    for name, g in result.gradients.items():
+        assert np.max(np.abs(g - fd)) / np.max(np.abs(fd)) <= 1e-5, name
+    assert "InterpolatingAdjoint" in result.table()
+
+
+def test_backsolve_on_a_dde_names_the_alternatives():
+    with pytest.raises(ValueError, match="BacksolveAdjoint does not support delay equations.*InterpolatingAdjoint"):
+        sv.solve(delayed_gradient_flow(), init(), sensitivity=sv.BacksolveAdjoint())
+
+
+@pytest.mark.parametrize("sensitivity", DDE_METHODS, ids=ids)
+def test_value_and_grad_in_jit_and_vmap_match_a_loop(sensitivity):
+    prob, p = delayed_gradient_flow(), init()
+    vg = lambda p: jax.value_and_grad(lambda q: loss(sv.solve(prob, q, saveat=OBS, rtol=1e-8, atol=1e-10,
+                                                               sensitivity=sensitivity).ys))(p)
+    taus = jnp.array([0.5, 0.9])
+    batched = jax.jit(jax.vmap(lambda tau: vg({**p, "tau": tau})))(taus)
+    for i, tau in enumerate(taus):
+        value, grad = jax.jit(vg)({**p, "tau": tau})
+        np.testing.assert_allclose(batched[0][i], value, rtol=1e-12)
+        np.testing.assert_allclose(batched[1]["tau"][i], grad["tau"], rtol=1e-9)
+
+
+@pytest.mark.parametrize("sensitivity", ODE_METHODS, ids=ids)
+def test_float32_gradients(refcases, sensitivity):
+    case = refcases["A_cont"]
+    p32 = {k: jnp.asarray(v, jnp.float32) for k, v in case["params"].items()}
+    prob = linear_dde(case["T"]) if not isinstance(sensitivity, sv.BacksolveAdjoint) else None
+    if prob is None:
+        E = refcases["E"]
+        L = lambda p: jnp.sum(sv.solve(pendulum(), p, rtol=1e-6, atol=1e-7, sensitivity=sensitivity).ys[-1] ** 2)
+        g = jax.grad(L)({"m": jnp.float32(1.0), "k": jnp.float32(2.0), "q0": jnp.float32(1.0)})
+        assert g["k"].dtype == jnp.float32
+        _assert_close(g, E["grad_L"], rel=2e-3)
+        return
+    ts = jnp.array(case["obs_times"], jnp.float32)
+    L = lambda p: 0.5 * jnp.sum(sv.solve(prob, p, saveat=ts, rtol=1e-6, atol=1e-7, sensitivity=sensitivity).ys ** 2)
+    g = jax.grad(L)(p32)
+    assert g["tau"].dtype == jnp.float32
+    _assert_close(g, case["grad_L"], rel=2e-3)
+
+
+def _hvp(L, p, v):
+    return jax.jvp(jax.grad(L), (p,), (v,))[1]
+
+
+@pytest.mark.parametrize("sensitivity", [sv.ForwardMode(), sv.Backprop()], ids=ids)
+def test_hessian_vector_product_dde(refcases, sensitivity):
+    case = refcases["A_jump"]
+    p, ts = refcase_params(case), jnp.array(case["obs_times"])
+    L = lambda p: 0.5 * jnp.sum(sv.solve(linear_dde(), p, saveat=ts, rtol=1e-10, atol=1e-12,
+                                         sensitivity=sensitivity).ys ** 2)
+    v = {k: jnp.asarray(0.1 * (i + 1)) for i, k in enumerate(p)}
+    hv = _hvp(L, p, v)
+    eps = 1e-5
+    shift = lambda s: jax.tree_util.tree_map(lambda a, b: a + s * eps * b, p, v)
+    gp, gm = jax.grad(L)(shift(1)), jax.grad(L)(shift(-1))
+    for k in p:
+        assert abs(float(hv[k]) - float((gp[k] - gm[k]) / (2 * eps))) < 1e-6, k
+
+
+def test_hessian_vector_product_ode_every_method():
+    p = {"m": jnp.asarray(1.0), "k": jnp.asarray(2.0), "q0": jnp.asarray(1.0)}
+    v = {"m": jnp.asarray(0.1), "k": jnp.asarray(0.2), "q0": jnp.asarray(0.3)}
+    results = []
+    for sens in ODE_METHODS:
+        L = lambda p, s=sens: jnp.sum(sv.solve(pendulum(), p, saveat=jnp.array([5.0, 10.0]), rtol=1e-10,
+                                               atol=1e-12, sensitivity=s).ys ** 2)
+        results.append(_hvp(L, p, v))
+    for r in results[1:]:
+        for k in p:
+            assert abs(float(r[k]) - float(results[0][k])) < 1e-6 * max(1.0, abs(float(results[0][k])))
+
+
+def test_hessian_vector_product_through_a_dde_continuous_adjoint_is_refused(refcases):
+    case = refcases["A_cont"]
+    L = lambda p: sv.solve(linear_dde(), p, sensitivity=sv.InterpolatingAdjoint()).ys[-1]
+    p = refcase_params(case)
+    with pytest.raises(NotImplementedError, match="Use sensitivity=ForwardMode\\(\\) or Backprop\\(\\)"):
+        _hvp(L, p, p)
+
+
+def test_sensitivity_arguments_are_checked():
+    with pytest.raises(ValueError, match="checkpoints must be a positive int, got 0"):
+        sv.InterpolatingAdjoint(checkpoints=0)
+    with pytest.raises(ValueError, match="nodes must be an int in 1..8"):
+        sv.QuadratureAdjoint(nodes=20)
+    with pytest.raises(TypeError, match="sensitivity must be one of"):
+        sv.solve(pendulum(), {"m": 1.0, "k": 2.0, "q0": 1.0}, sensitivity="adjoint")
+
+
+def test_adjoint_segment_too_long_for_history_says_what_to_raise(refcases):
+    case = refcases["A_jump"]
+    L = lambda p: sv.solve(linear_dde(), p, rtol=1e-10, atol=1e-12, history_size=16,
+                           sensitivity=sv.InterpolatingAdjoint(checkpoints=1)).ys[-1]
+    with pytest.raises(Exception, match="history buffer full.*checkpoints"):
+        jax.grad(L)(refcase_params(case))
+
+
+def test_compare_needs_float64():
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(ValueError, match="needs float64"):
+            sv.compare_sensitivities(delayed_gradient_flow(), init(), loss, saveat=OBS)
+    finally:
+        jax.config.update("jax_enable_x64", True)
