@@ -55,7 +55,7 @@ class GradientField(eqx.Module):
     H: Callable
     J: Any
     extra: Callable | None = None
-    adjoint_vjp: str = eqx.field(default="forward-over-reverse", static=True)
+    adjoint_vjp: str = eqx.field(default="reverse-over-reverse", static=True)
 
     def __check_init__(self):
         allowed = ("forward-over-reverse", "reverse-over-reverse")
