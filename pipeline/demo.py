@@ -8,7 +8,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def _a_jump_problem(solvers):

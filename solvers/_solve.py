@@ -14,7 +14,7 @@ from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW
 from ._problem import DDEProblem, ODEProblem
 from ._setup import Options, build, initial_state, is_concrete
 from ._tableau import ExplicitRK, Tsit5
-from .sensitivity import AbstractSensitivity, BacksolveAdjoint, Backprop, ForwardMode, default_sensitivity
+from .sensitivity import AbstractSensitivity, Backprop, ForwardMode, QuadratureAdjoint, default_sensitivity
 
 
 class Solution(eqx.Module):
@@ -98,8 +98,6 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     _check_positive("atol", atol)
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
-    from .sensitivity import QuadratureAdjoint
-
     if history_size is None:
         history_size = max_steps if isinstance(sensitivity, QuadratureAdjoint) else min(max_steps, 256)
     if not isinstance(history_size, int) or history_size < 1:

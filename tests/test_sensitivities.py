@@ -1,6 +1,5 @@
 """Gradients by every method against exact values, each other and finite differences."""
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np

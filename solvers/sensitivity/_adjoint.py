@@ -189,24 +189,21 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
                 parts.append(dp)
             return jnp.concatenate(parts)
 
-        quad = None
-        if quadrature:
+        def quad(s_a, s_b, coeffs):
+            """∫ f_pᵀλ over one backward step by Gauss–Legendre on its dense output."""
             nodes, weights = np.polynomial.legendre.leggauss(sens.nodes)
-            nodes, weights = (nodes + 1) / 2, weights / 2
-
-            def quad(s_a, s_b, coeffs):
-                total = jnp.zeros((n_p,), dtype)
-                for th, w in zip(nodes.tolist(), weights.tolist()):  # Python floats: dtype follows s
-                    s = s_a + th * (s_b - s_a)
-                    lam = _history.horner(coeffs, th).reshape(shape)
-                    _, dp, _ = vjp_terms(-s, fwd.x(-s, False, p), lam, fwd, False)
-                    total = total + (w * (s_b - s_a)) * dp
-                return total
+            total = jnp.zeros((n_p,), dtype)
+            for th, w in zip(((nodes + 1) / 2).tolist(), (weights / 2).tolist()):  # floats: dtype follows s
+                s = s_a + th * (s_b - s_a)
+                lam = _history.horner(coeffs, th).reshape(shape)
+                _, dp, _ = vjp_terms(-s, fwd.x(-s, False, p), lam, fwd, False)
+                total = total + (w * (s_b - s_a)) * dp
+            return total
 
         cap = jax.lax.stop_gradient(jnp.min(taus)) if is_dde else jnp.asarray(jnp.inf, dtype)
         max_delay = jax.lax.stop_gradient(jnp.max(taus)) if is_dde else jnp.zeros((), dtype)
         return _forward.Rhs(eval=evaluate, cap=cap, max_delay=max_delay, keep_from=keep_from,
-                            hist_dim=n if is_dde else None, quadrature=quad)
+                            hist_dim=n if is_dde else None, quadrature=quad if quadrature else None)
 
     # backward save times (observations, reversed) and their impulses
     s_obs = -saveat[::-1]
