@@ -23,8 +23,9 @@ def forward_mode_solve(prob, p, saveat, opts):
         return outputs(p, saveat)
 
     def fwd(p, saveat):
-        jac = jax.jacfwd(lambda q: outputs(q, saveat)[0])(p)
-        return outputs(p, saveat), (jac, saveat)
+        # one batched jvp pass yields the Jacobian and (as aux) the primal outputs
+        jac, out = jax.jacfwd(lambda q: (lambda o: (o[0], o))(outputs(q, saveat)), has_aux=True)(p)
+        return out, (jac, saveat)
 
     def bwd(res, ct):
         jac, saveat = res
