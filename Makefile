@@ -8,11 +8,15 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[test,bench,mpi]'
 	touch $(STAMP)
 
+# The main job: a Hamiltonian net on pendulum data, trained on an embedded Dask cluster
+# (2 worker processes), HDF5 checkpoints in runs/demo/checkpoints, report in runs/demo/report.png.
 demo: $(STAMP)
-	$(VENV)/bin/ndde demo --out demo-output
+	rm -rf runs/demo
+	$(VENV)/bin/ndde train jobs/hnn_pendulum.toml --run-dir runs/demo --backend dask --workers 2
+	$(VENV)/bin/ndde report runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto
@@ -21,4 +25,4 @@ bench: $(STAMP)
 	$(PY) bench/solve.py
 
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache
+	rm -rf $(VENV) runs data .pytest_cache

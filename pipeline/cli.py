@@ -1,32 +1,131 @@
-"""The `ndde` command."""
+"""The `ndde` command: train, resume, data, report, inspect, gradcheck."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
+
+EXIT_CONFIG, EXIT_TRAINING = 2, 3
 
 
-def _demo(args) -> int:
-    from .demo import run_demo
+def _train(args):
+    from . import config, runner
 
-    summary = run_demo(args.out)
-    print(json.dumps(summary, indent=2))
+    job = config.load(args.job, args.set)
+    summary = runner.start(job, args.run_dir, backend=args.backend, workers=args.workers,
+                           scheduler=args.scheduler, steps=args.steps)
+    return _print_summary(summary)
+
+
+def _print_summary(summary):
+    if summary.pop("root"):
+        print(json.dumps(summary))
     return 0
+
+
+def _resume(args):
+    from . import runner
+
+    summary = runner.resume(args.run_dir, steps=args.steps, backend=args.backend, workers=args.workers,
+                            scheduler=args.scheduler)
+    return _print_summary(summary)
+
+
+def _data(args):
+    from . import config, data
+
+    job = config.load(args.job, args.set)
+    path = data.generate(job, args.out)
+    info = data.validate(path, job)
+    print(f"wrote {path}: {info['n']} trajectories x {info['n_times']} times ({job.data.system})")
+    return 0
+
+
+def _report(args):
+    from .report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _inspect(args):
+    from .inspect import describe
+
+    print(describe(args.file))
+    return 0
+
+
+def _gradcheck(args):
+    from . import config
+    from .gradcheck import gradcheck
+
+    comparison = gradcheck(config.load(args.job, args.set), sample=args.sample)
+    print(comparison.table())
+    print(f"worst relative difference between methods: {comparison.worst():.2e}")
+    return 0
+
+
+def _add_backend_flags(p, with_steps_help):
+    p.add_argument("--backend", choices=("local", "dask", "mpi"), help="override backend.kind")
+    p.add_argument("--workers", type=int, help="override backend.workers (dask workers / local shards)")
+    p.add_argument("--scheduler", help="dask: tcp://host:port of an existing scheduler")
+    p.add_argument("--steps", type=int, help=with_steps_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ndde", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="solve two DDEs, check a delay gradient, write demo.png")
-    demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
-    demo.set_defaults(func=_demo)
+    p = sub.add_parser("train", help="train a job (generates its data file first if missing)")
+    p.add_argument("job", help="job TOML file, e.g. jobs/hnn_pendulum.toml")
+    p.add_argument("--run-dir", help="run directory (default runs/<job name>)")
+    _add_backend_flags(p, "override train.steps")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one job key (TOML value), repeatable")
+    p.set_defaults(func=_train)
+    p = sub.add_parser("resume", help="continue a run from its newest checkpoint that verifies")
+    p.add_argument("run_dir")
+    _add_backend_flags(p, "stop at this step (default train.steps)")
+    p.set_defaults(func=_resume)
+    p = sub.add_parser("data", help="generate a job's HDF5 data file")
+    p.add_argument("job")
+    p.add_argument("--out", help="file to write (default: the job's data.path)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=_data)
+    p = sub.add_parser("report", help="write RUN_DIR/report.png: loss, held-out fit, learned tau")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_report)
+    p = sub.add_parser("inspect", help="describe an ndde HDF5 file (checkpoint or data)")
+    p.add_argument("file")
+    p.set_defaults(func=_inspect)
+    p = sub.add_parser("gradcheck", help="compare every sensitivity method and finite differences on the job")
+    p.add_argument("job")
+    p.add_argument("--sample", type=int, default=0, help="training row whose loss is differentiated")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.set_defaults(func=_gradcheck)
     return parser
 
 
 def main(argv=None) -> int:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .train import EXIT_PREEMPTED, Preempted, ResumeError, TrainingError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    warnings.simplefilter("default")
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, ResumeError, CheckpointError, FileExistsError, FileNotFoundError) as err:
+        print(f"ndde {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TrainingError as err:
+        print(f"ndde {args.command}: {err}", file=sys.stderr)
+        return EXIT_TRAINING
+    except Preempted as err:
+        print(f"ndde {args.command}: {err}", file=sys.stderr)
+        return EXIT_PREEMPTED
 
 
 if __name__ == "__main__":

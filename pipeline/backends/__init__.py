@@ -1,0 +1,45 @@
+"""Where the shards of a training step run: ``local`` (this process, in turn), ``dask``
+(an embedded LocalCluster or a scheduler address), ``mpi`` (one shard per rank).
+
+A backend's ``step(flat_theta, step)`` returns the reduced step (``Reduced``) on every
+process that runs the training loop; ``is_root`` says which process writes files.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+
+class Reduced(NamedTuple):
+    loss_per_shard: np.ndarray
+    grad_sum: np.ndarray
+    steps: int
+    rejected: int
+    rhs_evals: int
+    errors: list
+
+
+def reduce_in_order(results) -> Reduced:
+    """Sum shard results in shard order (a fixed order: the same bits on every backend)."""
+    results = sorted(results, key=lambda r: r.shard)
+    grad = results[0].grad_sum.copy()
+    for r in results[1:]:
+        grad = grad + r.grad_sum
+    return Reduced(np.array([r.loss_sum for r in results]), grad, sum(r.steps for r in results),
+                   sum(r.rejected for r in results), sum(r.rhs_evals for r in results),
+                   [r.error for r in results if r.error])
+
+
+def make_backend(kind: str, config_text: str, data_path: str, workers: int, scheduler: str = ""):
+    if kind == "local":
+        from .local import LocalBackend
+        return LocalBackend(config_text, data_path, workers)
+    if kind == "dask":
+        from .dask_backend import DaskBackend
+        return DaskBackend(config_text, data_path, workers, scheduler)
+    if kind == "mpi":
+        from .mpi_backend import MpiBackend
+        return MpiBackend(config_text, data_path)
+    raise ValueError(f"unknown backend {kind!r}; use local, dask or mpi")

@@ -1,0 +1,76 @@
+"""Shards as Dask tasks: an embedded LocalCluster (worker processes, one thread each,
+loopback only) or an existing scheduler. Shard w prefers worker w, which caches its rows
+and compiled step; if that worker dies mid-step the scheduler reruns the task elsewhere
+(the task is a pure function of theta and the step, so the result is the same)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from . import reduce_in_order
+
+
+def _shard_task(config_text, data_path, shard, shards, flat_theta, step):
+    from distributed import get_worker
+
+    from .. import devices
+    from ..shard import worker_for
+
+    name = get_worker().name
+    devices.pin(int(name) if str(name).isdigit() else None)
+    kill = os.environ.get("NDDE_TEST_KILL_WORKER", "")  # "STEP:MARKER" fault injection: die once
+    if kill and shard == shards - 1:
+        kill_step, marker = kill.split(":", 1)
+        if int(kill_step) == step and not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return worker_for(config_text, data_path, shard, shards).compute(flat_theta, step)
+
+
+class DaskBackend:
+    is_root = True
+    rank = 0
+
+    def __init__(self, config_text: str, data_path: str, workers: int, scheduler: str = ""):
+        from distributed import Client, LocalCluster
+
+        self.config_text, self.data_path, self.shards = config_text, data_path, workers
+        self.cluster = None
+        if scheduler:
+            self.client = Client(scheduler)
+        else:
+            self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                        host="127.0.0.1", dashboard_address=None, memory_limit=0)
+            self.client = Client(self.cluster)
+        self.client.wait_for_workers(1)
+
+    def _worker_of(self, shard: int):
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        by_name = {str(w["name"]): addr for addr, w in info.items()}
+        addrs = sorted(info)
+        return by_name.get(str(shard)) or (addrs[shard % len(addrs)] if addrs else None)
+
+    def step(self, flat_theta, step: int):
+        futures = []
+        for w in range(self.shards):
+            worker = self._worker_of(w)
+            futures.append(self.client.submit(
+                _shard_task, self.config_text, self.data_path, w, self.shards, flat_theta, step,
+                key=f"ndde-shard-{step}-{w}-{id(self)}", pure=False,
+                workers=[worker] if worker else None, allow_other_workers=True))
+        return reduce_in_order(self.client.gather(futures))
+
+    def barrier(self):
+        pass
+
+    def broadcast(self, value):
+        return value
+
+    def agree(self, value):
+        return value
+
+    def close(self):
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()

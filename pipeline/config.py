@@ -1,0 +1,243 @@
+"""Job configuration: a TOML file parsed into frozen dataclasses.
+
+This is the only place where strings from a job file become choices. Every key is
+checked: an unknown key, a wrong type or an out-of-range value is a ``ConfigError``
+that names the key (``section.key``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+import tomllib
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A job file or override that does not describe a valid job."""
+
+
+def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
+    return dataclasses.field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi,
+                                                        "lo_open": lo_open, "doc": doc})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: str = _spec("hnn", choices=("hnn", "ndde", "delayed_gradient"))
+    hidden: tuple = _spec((32, 32), doc="widths of the MLP's hidden layers")
+    tau_init: float = _spec(1.0, lo=0.0, lo_open=True, doc="initial delay (DDE models)")
+    seed: int = _spec(0, lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    system: str = _spec("pendulum", choices=("pendulum", "mackey_glass", "delayed_gradient"))
+    path: str = _spec("", doc="HDF5 file; empty: data/<job name>.h5 (relative to the working directory)")
+    n_train: int = _spec(256, lo=1)
+    n_test: int = _spec(16, lo=1)
+    t1: float = _spec(3.0, lo=0.0, lo_open=True)
+    n_times: int = _spec(31, lo=2)
+    noise: float = _spec(0.0, lo=0.0)
+    seed: int = _spec(1, lo=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class SolverConfig:
+    method: str = _spec("tsit5", choices=("tsit5", "dopri5", "bosh3"))
+    rtol: float = _spec(1e-6, lo=0.0, lo_open=True, hi=1.0)
+    atol: float = _spec(1e-8, lo=0.0, lo_open=True, hi=1.0)
+    max_steps: int = _spec(4096, lo=1)
+    sensitivity: str = _spec("interpolating", choices=("backprop", "forward", "backsolve", "interpolating",
+                                                       "quadrature"))
+    checkpoints: int = _spec(16, lo=1, doc="for backprop and interpolating")
+    dtype: str = _spec("float64", choices=("float32", "float64"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _spec(100, lo=1)
+    batch_size: int = _spec(64, lo=1)
+    seed: int = _spec(0, lo=0)
+    on_nonfinite: str = _spec("stop", choices=("stop", "skip"))
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    name: str = _spec("adam", choices=("adam", "adamw", "sgd"))
+    learning_rate: float = _spec(1e-3, lo=0.0, lo_open=True)
+    schedule: str = _spec("constant", choices=("constant", "cosine", "exponential"))
+    decay_rate: float = _spec(0.1, lo=0.0, lo_open=True, hi=1.0, doc="exponential: factor over all steps")
+    warmup_steps: int = _spec(0, lo=0)
+    clip_norm: float = _spec(0.0, lo=0.0, doc="global-norm clipping; 0 disables")
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendConfig:
+    kind: str = _spec("local", choices=("local", "dask", "mpi"))
+    workers: int = _spec(1, lo=1, doc="shards (dask workers, mpi ranks); local computes them in turn")
+    scheduler: str = _spec("", doc="dask: tcp://host:port of an existing scheduler; empty: embedded cluster")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = _spec(50, lo=1)
+    keep: int = _spec(3, lo=1)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "solver": SolverConfig, "train": TrainConfig,
+            "optimizer": OptimizerConfig, "backend": BackendConfig, "checkpoint": CheckpointConfig}
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    name: str
+    model: ModelConfig
+    data: DataConfig
+    solver: SolverConfig
+    train: TrainConfig
+    optimizer: OptimizerConfig
+    backend: BackendConfig
+    checkpoint: CheckpointConfig
+
+    @property
+    def data_path(self) -> pathlib.Path:
+        return pathlib.Path(self.data.path or f"data/{self.name}.h5")
+
+    def replace(self, section: str, **changes) -> "JobConfig":
+        return dataclasses.replace(self, **{section: _section(section, {**dataclasses.asdict(getattr(
+            self, section)), **changes})})
+
+    def to_toml(self) -> str:
+        lines = [f"name = {_toml_value(self.name)}"]
+        for section in SECTIONS:
+            lines.append(f"\n[{section}]")
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _check_value(section: str, field: dataclasses.Field, value: Any):
+    where = f"{section}.{field.name}"
+    meta, want = field.metadata, type(field.default)
+    if want is tuple:
+        if not isinstance(value, (list, tuple)) or not value or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+            raise ConfigError(f"{where} must be a non-empty list of positive integers, got {value!r}")
+        return tuple(value)
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
+        raise ConfigError(f"{where} must be of type {want.__name__}, got {value!r} ({type(value).__name__})")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"{where} must be one of {', '.join(map(repr, meta['choices']))}; got {value!r}")
+    if want in (int, float):
+        if want is float and not math.isfinite(value):
+            raise ConfigError(f"{where} must be finite, got {value!r}")
+        lo, hi = meta["lo"], meta["hi"]
+        if lo is not None and (value <= lo if meta["lo_open"] else value < lo):
+            raise ConfigError(f"{where} must be {'>' if meta['lo_open'] else '>='} {lo}, got {value!r}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{where} must be <= {hi}, got {value!r}")
+    return value
+
+
+def _section(section: str, table: Any):
+    cls = SECTIONS[section]
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{section}] must be a table, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key {section}.{unknown[0]}; [{section}] allows: {', '.join(fields)}")
+    return cls(**{k: _check_value(section, fields[k], v) for k, v in table.items()})
+
+
+def from_dict(raw: dict, default_name: str = "job") -> JobConfig:
+    raw = dict(raw)
+    name = raw.pop("name", default_name)
+    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ConfigError(f"name must be a non-empty string of letters, digits, '-', '_', '.', got {name!r}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section or key {unknown[0]!r}; allowed: name, {', '.join(SECTIONS)}")
+    job = JobConfig(name=name, **{s: _section(s, raw.get(s, {})) for s in SECTIONS})
+    check_consistent(job)
+    return job
+
+
+def check_consistent(job: JobConfig):
+    ode = job.model.kind == "hnn"
+    systems = {"hnn": ("pendulum",), "ndde": ("mackey_glass",), "delayed_gradient": ("delayed_gradient",)}
+    if job.data.system not in systems[job.model.kind]:
+        raise ConfigError(f"data.system {job.data.system!r} does not fit model.kind {job.model.kind!r}; "
+                          f"use {systems[job.model.kind][0]!r}")
+    if not ode and job.solver.sensitivity == "backsolve":
+        raise ConfigError("solver.sensitivity 'backsolve' works for ODEs only; for the DDE model "
+                          f"{job.model.kind!r} use 'interpolating', 'quadrature', 'backprop' or 'forward'")
+    if job.train.batch_size % job.backend.workers:
+        raise ConfigError(f"train.batch_size {job.train.batch_size} must be a multiple of backend.workers "
+                          f"{job.backend.workers} (each worker takes an equal share)")
+    if job.train.batch_size > job.data.n_train:
+        raise ConfigError(f"train.batch_size {job.train.batch_size} exceeds data.n_train {job.data.n_train}")
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``section.key=value`` with value a TOML literal (bare words are taken as strings)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    dotted, value_text = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    return section, key, value
+
+
+def load(path, overrides=()) -> JobConfig:
+    path = pathlib.Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    return loads_dict(raw, path.stem, overrides)
+
+
+def loads_dict(raw: dict, default_name: str, overrides=()) -> JobConfig:
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {text!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+        raw.setdefault(section, {})[key] = value
+    return from_dict(raw, default_name)
+
+
+def from_toml_text(text: str) -> JobConfig:
+    return from_dict(tomllib.loads(text))
+
+
+def differences(a: JobConfig, b: JobConfig, sections) -> list[str]:
+    """``section.key: old -> new`` for every key of ``sections`` that differs."""
+    out = []
+    for section in sections:
+        old, new = dataclasses.asdict(getattr(a, section)), dataclasses.asdict(getattr(b, section))
+        out += [f"{section}.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+    return out

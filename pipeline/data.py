@@ -1,0 +1,171 @@
+"""Trajectory data in HDF5: generated from known systems with the solvers at tight
+tolerance, or a user's file of the same layout.
+
+Layout (N trajectories, n save times, state size d):
+
+* ``ts`` (n,) strictly increasing, ``ts[0] = 0``
+* ``ys`` (N, n, d) observed states at ``ts``
+* ``x0`` (N, d) initial states
+* ``history`` (N, d) history parameters (DDE systems only: the constant of Mackey–Glass'
+  history, the offset of the delayed gradient system's linear history)
+
+Root attrs: ``format = "ndde-data"``, ``version = 1``, ``system`` and ``system_params``
+(JSON of the generating parameters). Rows ``[0, n_train)`` train, the next ``n_test`` are
+held out. Each worker reads only its rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import solvers as sv
+
+from .config import JobConfig
+from .models import STATE_DIM
+
+TRUE_PARAMS = {
+    "pendulum": {"H": "p^2/2 + 1 - cos q"},
+    "mackey_glass": {"beta": 2.0, "gamma": 1.0, "power": 10.0, "tau": 2.0},
+    "delayed_gradient": {"V": "(x1^2 + x1^4/2)/2 + x2^2", "tau": 0.5, "v": [0.5, -0.3]},
+}
+GEN_RTOL, GEN_ATOL = 1e-10, 1e-12
+
+
+class DataError(ValueError):
+    """A data file that does not have the layout a job needs."""
+
+
+def _needs_history(system):
+    return system != "pendulum"
+
+
+def _initial_conditions(system, n, rng):
+    if system == "pendulum":
+        return np.stack([rng.uniform(-1.5, 1.5, n), rng.uniform(-1.0, 1.0, n)], axis=1), None
+    if system == "mackey_glass":
+        c = rng.uniform(0.3, 1.3, (n, 1))
+        return c.copy(), c
+    x0 = rng.uniform(-1.0, 1.0, (n, 2))
+    return x0.copy(), x0
+
+
+def _problem(system, t1):
+    tp = TRUE_PARAMS[system]
+    if system == "pendulum":
+        rhs = lambda t, x, p: jnp.stack([x[1], -jnp.sin(x[0])])
+        return sv.ODEProblem(rhs, x0=lambda p: p["x0"], t0=0.0, t1=t1)
+    if system == "mackey_glass":
+        rhs = lambda t, x, lag, p: tp["beta"] * lag[0] / (1 + lag[0] ** tp["power"]) - tp["gamma"] * x
+        history = lambda t, p: p["history"] + 0.0 * t
+    else:
+        v = jnp.asarray(tp["v"])
+        rhs = lambda t, x, lag, p: -jnp.stack([lag[0][0] + lag[0][0] ** 3, 2.0 * lag[0][1]])
+        history = lambda t, p: p["history"] + t * v
+    return sv.DDEProblem(rhs, history, lambda p: jnp.array([tp["tau"]]), 0.0, t1)
+
+
+def generate(job: JobConfig, path=None) -> pathlib.Path:
+    """Solve the job's data system for n_train + n_test initial conditions and write the file."""
+    jax.config.update("jax_enable_x64", True)
+    d = job.data
+    path = pathlib.Path(path or job.data_path)
+    n = d.n_train + d.n_test
+    rng = np.random.default_rng(d.seed)
+    x0, hist = _initial_conditions(d.system, n, rng)
+    ts = np.linspace(0.0, d.t1, d.n_times)
+    prob = _problem(d.system, d.t1)
+    p = {"x0": jnp.asarray(x0)} | ({"history": jnp.asarray(hist)} if hist is not None else {})
+    one = lambda p: sv.solve(prob, p, saveat=jnp.asarray(ts), rtol=GEN_RTOL, atol=GEN_ATOL, max_steps=100_000).ys
+    ys = np.asarray(jax.jit(jax.vmap(one))(p))
+    if d.noise > 0:
+        ys = ys + d.noise * rng.standard_normal(ys.shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f["ts"], f["ys"], f["x0"] = ts, ys, x0
+        if hist is not None:
+            f["history"] = hist
+        f.attrs.update({"format": "ndde-data", "version": 1, "system": d.system,
+                        "system_params": json.dumps(TRUE_PARAMS[d.system]), "rtol": GEN_RTOL,
+                        "atol": GEN_ATOL, "seed": d.seed, "noise": d.noise})
+    os.replace(tmp, path)
+    return path
+
+
+def _required(system):
+    return ("ts", "ys", "x0") + (("history",) if _needs_history(system) else ())
+
+
+def validate(path, job: JobConfig) -> dict:
+    """Check the file's layout against the job; returns its sizes. Raises DataError naming
+    the missing or misshapen dataset."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise DataError(f"data file {path} does not exist (create it with `ndde data JOB.toml`)")
+    d, dim = job.data, STATE_DIM[job.model.kind]
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise DataError(f"data file {path} is not a readable HDF5 file: {err}") from None
+    with f:
+        for name in _required(d.system):
+            if name not in f or not isinstance(f[name], h5py.Dataset):
+                raise DataError(f"data file {path} has no dataset {name!r} (needs {', '.join(_required(d.system))})")
+        ts, ys, x0 = f["ts"][...], f["ys"], f["x0"]
+        n = ys.shape[0] if ys.ndim == 3 else -1
+        expect = {"ys": (n, ts.shape[0], dim), "x0": (n, dim), "history": (n, dim)}
+        for name in _required(d.system)[1:]:
+            if f[name].shape != expect[name] or n < 1:
+                raise DataError(f"data file {path}: dataset {name!r} has shape {f[name].shape}, expected "
+                                f"(N, {', '.join(map(str, expect[name][1:]))}) for model {job.model.kind!r}")
+        if ts.ndim != 1 or ts.shape[0] < 2 or ts[0] != 0.0 or np.any(np.diff(ts) <= 0):
+            raise DataError(f"data file {path}: 'ts' must be 1-D, strictly increasing, starting at 0")
+        if n < d.n_train + d.n_test:
+            raise DataError(f"data file {path} holds {n} trajectories; the job needs data.n_train + "
+                            f"data.n_test = {d.n_train + d.n_test}")
+        for name in _required(d.system):
+            if not np.all(np.isfinite(f[name][...])):
+                raise DataError(f"data file {path}: dataset {name!r} contains NaN or inf")
+    return {"n": n, "n_times": ts.shape[0]}
+
+
+def digest(path) -> str:
+    """sha256 of the datasets a run reads (changes to the data are refused on resume)."""
+    h = hashlib.sha256()
+    with h5py.File(path, "r") as f:
+        for name in ("ts", "ys", "x0", "history"):
+            if name in f:
+                h.update(name.encode() + np.ascontiguousarray(f[name][...]).tobytes())
+    return h.hexdigest()
+
+
+def read_rows(path, job: JobConfig, lo: int, hi: int, dtype) -> dict:
+    """Rows [lo, hi) as arrays: ts, ys, x0 (and history)."""
+    with h5py.File(path, "r") as f:
+        out = {"ts": f["ts"][...], "ys": f["ys"][lo:hi], "x0": f["x0"][lo:hi]}
+        if _needs_history(job.data.system):
+            out["history"] = f["history"][lo:hi]
+    return {k: np.asarray(v, dtype) for k, v in out.items()}
+
+
+def shard_bounds(n_train: int, shards: int, shard: int) -> tuple[int, int]:
+    """Contiguous block of the training rows owned by ``shard`` (sizes differ by at most 1)."""
+    edges = np.linspace(0, n_train, shards + 1).round().astype(int)
+    return int(edges[shard]), int(edges[shard + 1])
+
+
+def ensure(job: JobConfig) -> pathlib.Path:
+    """The job's data file, generated first if it is missing; validated."""
+    path = job.data_path
+    if not path.exists():
+        generate(job, path)
+    validate(path, job)
+    return path

@@ -1,0 +1,48 @@
+"""One GPU per worker or rank: which device a process with a given local rank should see.
+
+Pure functions of the environment so the assignment is tested on machines without GPUs;
+``pin`` applies it by setting CUDA_VISIBLE_DEVICES before JAX initialises its backend.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
+
+
+def local_rank(env=None) -> int | None:
+    """The process's rank on its node from the launcher's variables (MPICH, Open MPI, Slurm)."""
+    env = os.environ if env is None else env
+    for var in LOCAL_RANK_VARS:
+        if env.get(var, "").strip().isdigit():
+            return int(env[var])
+    return None
+
+
+def visible_gpus(env=None, proc_root="/proc/driver/nvidia/gpus") -> list[str]:
+    """GPU ids this process may use: CUDA_VISIBLE_DEVICES if set, else the driver's list."""
+    env = os.environ if env is None else env
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip() not in ("", "-1")]
+    root = pathlib.Path(proc_root)
+    return [str(i) for i in range(len(list(root.iterdir())))] if root.is_dir() else []
+
+
+def gpu_for(rank: int, gpus: list[str]) -> str | None:
+    """The one GPU for local rank ``rank`` (round robin when ranks outnumber GPUs); None: CPU."""
+    if rank < 0:
+        raise ValueError(f"local rank must be >= 0, got {rank}")
+    return gpus[rank % len(gpus)] if gpus else None
+
+
+def pin(rank: int | None, env=None) -> str | None:
+    """Restrict this process to its GPU; returns the id, or None when there is no GPU."""
+    env = os.environ if env is None else env
+    if rank is None:
+        return None
+    gpu = gpu_for(rank, visible_gpus(env))
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    return gpu

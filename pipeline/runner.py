@@ -1,0 +1,97 @@
+"""Start or resume a training run: resolve the job, make sure the data exists, pick the
+backend, run the Trainer. The CLI and the tests call these two functions."""
+
+from __future__ import annotations
+
+import pathlib
+import warnings
+
+from . import config as config_mod
+from .backends import make_backend
+from .checkpoint import CheckpointManager
+from .data import ensure
+from .train import Trainer
+
+
+def _mpi_prepare(job):
+    from . import devices
+
+    devices.pin(devices.local_rank())
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    return job.replace("backend", kind="mpi", workers=comm.Get_size()), comm
+
+
+def resolve(job, backend=None, workers=None, scheduler=None, steps=None):
+    """Apply command-line choices to the job and check the result."""
+    if backend is not None:
+        job = job.replace("backend", kind=backend)
+    if workers is not None:
+        job = job.replace("backend", workers=workers)
+    if scheduler is not None:
+        job = job.replace("backend", scheduler=scheduler)
+    if steps is not None:
+        job = job.replace("train", steps=steps)
+    comm = None
+    if job.backend.kind == "mpi":
+        job, comm = _mpi_prepare(job)
+    config_mod.check_consistent(job)
+    return job, comm
+
+
+def _data(job, comm):
+    """Generate (rank 0) and validate the data file; the job then names it by absolute path."""
+    if comm is None or comm.Get_rank() == 0:
+        path = ensure(job)
+    if comm is not None:
+        comm.Barrier()
+        path = ensure(job)
+    return job.replace("data", path=str(path.resolve())), str(path.resolve())
+
+
+def _run(job, run_dir, comm, total_steps, restore, progress, extra_attrs=None):
+    job, data_path = _data(job, comm)
+    backend = make_backend(job.backend.kind, job.to_toml(), data_path, job.backend.workers,
+                           job.backend.scheduler)
+    try:
+        trainer = Trainer(job, run_dir, backend, data_path, extra_attrs)
+        if not restore and backend.is_root:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "job.toml").write_text(job.to_toml())
+        restored = trainer.restore_latest() if restore else None
+        if restore and restored is None and backend.is_root:
+            warnings.warn(f"no checkpoint in {run_dir / 'checkpoints'} verifies; starting from step 0")
+        summary = trainer.run(total_steps, restored, progress)
+    finally:
+        backend.close()
+    summary["run_dir"] = str(run_dir)
+    summary["root"] = backend.is_root
+    return summary
+
+
+def start(job, run_dir=None, *, backend=None, workers=None, scheduler=None, steps=None, progress=True,
+          extra_attrs=None) -> dict:
+    job, comm = resolve(job, backend, workers, scheduler, steps)
+    run_dir = pathlib.Path(run_dir or f"runs/{job.name}")
+    newest = CheckpointManager(run_dir / "checkpoints").latest_step()
+    if newest is not None:
+        raise FileExistsError(f"{run_dir} already holds checkpoints (newest: step {newest}); continue it with "
+                              f"`ndde resume {run_dir}` or choose another --run-dir")
+    return _run(job, run_dir, comm, job.train.steps, False, progress, extra_attrs)
+
+
+def load_run_job(run_dir) -> config_mod.JobConfig:
+    path = pathlib.Path(run_dir) / "job.toml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
+    return config_mod.load(path)
+
+
+def resume(run_dir, *, steps=None, backend=None, workers=None, scheduler=None, progress=True,
+           extra_attrs=None) -> dict:
+    """Continue from the newest checkpoint that verifies, up to ``steps`` (default train.steps;
+    the optimizer's schedule always follows the job's train.steps)."""
+    run_dir = pathlib.Path(run_dir)
+    job, comm = resolve(load_run_job(run_dir), backend, workers, scheduler)
+    return _run(job, run_dir, comm, steps or job.train.steps, True, progress, extra_attrs)

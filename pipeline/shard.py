@@ -1,0 +1,99 @@
+"""One shard of a training step: the summed loss and gradient over this shard's part of the
+batch. Every backend runs exactly this code (local in turn, Dask on workers, MPI on ranks),
+so results agree up to the order in which shards are summed.
+
+Shard w owns the contiguous block ``shard_bounds(n_train, shards, w)`` of the training rows
+and reads only those. At step s it draws ``batch_size / shards`` of them without
+replacement from ``numpy.random.default_rng([train.seed, s, w])``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from . import config as config_mod
+from .data import read_rows, shard_bounds
+from .models import build_model
+
+
+class ShardResult(NamedTuple):
+    shard: int
+    loss_sum: float
+    grad_sum: np.ndarray     # flat, in ravel_pytree order of theta
+    steps: int
+    rejected: int
+    rhs_evals: int
+    error: str               # "" when the step succeeded
+
+
+def sample_loss(model, job, theta, sample, ts):
+    sol = model.solve(job, theta, {k: v for k, v in sample.items() if k != "ys"}, ts)
+    return jnp.mean((sol.ys - sample["ys"]) ** 2), sol.stats
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(config_text: str):
+    job = config_mod.from_toml_text(config_text)
+    model = build_model(job)
+    _, unravel = ravel_pytree(model.init(jax.random.PRNGKey(job.model.seed)))
+
+    def shard_loss(flat_theta, batch, ts):
+        theta = unravel(flat_theta)
+        losses, stats = jax.vmap(lambda s: sample_loss(model, job, theta, s, ts))(batch)
+        return jnp.sum(losses), {k: jnp.sum(v) for k, v in stats.items()}
+
+    return job, model, jax.jit(jax.value_and_grad(shard_loss, has_aux=True))
+
+
+class ShardWorker:
+    def __init__(self, config_text: str, data_path: str, shard: int, shards: int):
+        # A solver failure inside the step is caught and reported by compute(); JAX's own
+        # traceback log of the failing callback would only repeat it.
+        logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
+        self.job, self.model, self.fn = _compiled(config_text)
+        self.shard, self.shards = shard, shards
+        lo, hi = shard_bounds(self.job.data.n_train, shards, shard)
+        self.size = hi - lo
+        self.per = self.job.train.batch_size // shards
+        rows = read_rows(data_path, self.job, lo, hi, self.model.dtype)
+        self.ts = jnp.asarray(rows.pop("ts"))
+        self.rows = rows
+
+    def indices(self, step: int) -> np.ndarray:
+        rng = np.random.default_rng([self.job.train.seed, step, self.shard])
+        return np.sort(rng.choice(self.size, self.per, replace=False))
+
+    def compute(self, flat_theta: np.ndarray, step: int) -> ShardResult:
+        idx = self.indices(step)
+        batch = {k: jnp.asarray(v[idx]) for k, v in self.rows.items()}
+        try:
+            (loss, stats), grad = self.fn(jnp.asarray(flat_theta, self.model.dtype), batch, self.ts)
+            loss, grad = float(loss), np.asarray(grad)
+        except Exception as err:  # solver failures (equinox runtime errors) end up here
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            first = next((ln for ln in lines if "ndde:" in ln), lines[0] if lines else type(err).__name__)
+            return ShardResult(self.shard, float("nan"), np.full(flat_theta.shape, np.nan), 0, 0, 0,
+                               f"shard {self.shard}: {first}")
+        if os.environ.get("NDDE_TEST_NAN_AT_STEP") == str(step):  # fault injection for the NaN tests
+            grad = grad * np.nan
+        return ShardResult(self.shard, loss, grad, int(stats["steps"]), int(stats["rejected"]),
+                           int(stats["rhs_evals"]), "")
+
+
+_WORKERS: dict = {}
+
+
+def worker_for(config_text: str, data_path: str, shard: int, shards: int) -> ShardWorker:
+    """A process-wide cache: a Dask worker builds (and compiles) each shard once."""
+    key = (config_text, data_path, shard, shards)
+    if key not in _WORKERS:
+        _WORKERS[key] = ShardWorker(config_text, data_path, shard, shards)
+    return _WORKERS[key]

@@ -1,0 +1,187 @@
+"""The training loop: reduce the shards' gradients (any backend), one optax update,
+metrics, checkpoints; start fresh or resume exactly from the newest checkpoint that verifies.
+
+Exactness: a step is a pure function of (theta, optimizer state, step number) — the batch
+comes from ``default_rng([seed, step, shard])`` — so a resumed run repeats the bits of one
+that never stopped (same backend and worker count).
+"""
+
+from __future__ import annotations
+
+import pathlib
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from . import config as config_mod
+from .checkpoint import CheckpointManager, Restored
+from .data import digest
+from .models import build_model
+
+METRICS = ("loss", "loss_per_shard", "grad_norm", "solver_steps", "rejected", "rhs_evals", "wall_time", "tau",
+           "skipped")
+# What a resumed run may not change: the batches and the model would differ.
+LOCKED_SECTIONS = ("model", "data")
+LOCKED_KEYS = (("train", "seed"), ("train", "batch_size"), ("backend", "workers"))
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after a signal; the batch script requeues
+
+
+class TrainingError(RuntimeError):
+    """A step that could not be applied (non-finite loss or gradient, solver failure)."""
+
+
+class ResumeError(RuntimeError):
+    """A run directory whose job no longer matches its checkpoints."""
+
+
+class Preempted(RuntimeError):
+    """SIGUSR1/SIGTERM arrived; the current step finished and a checkpoint was written."""
+
+
+def make_optimizer(job) -> optax.GradientTransformation:
+    o, total = job.optimizer, job.train.steps
+    lr = {"constant": lambda: optax.constant_schedule(o.learning_rate),
+          "cosine": lambda: optax.cosine_decay_schedule(o.learning_rate, total),
+          "exponential": lambda: optax.exponential_decay(o.learning_rate, total, o.decay_rate)}[o.schedule]()
+    if o.warmup_steps:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), lr],
+                                  [o.warmup_steps])
+    opt = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[o.name](lr)
+    return optax.chain(optax.clip_by_global_norm(o.clip_norm), opt) if o.clip_norm > 0 else opt
+
+
+class _Signals:
+    """SIGUSR1 (Slurm's warning before preemption or the time limit) and SIGTERM: finish the
+    step, checkpoint, exit with EXIT_PREEMPTED."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def check_resumable(job, restored: Restored, data_path) -> None:
+    old = config_mod.from_toml_text(restored.attrs["config"])
+    diffs = config_mod.differences(old, job, LOCKED_SECTIONS)
+    diffs += [f"{s}.{k}: {getattr(getattr(old, s), k)!r} -> {getattr(getattr(job, s), k)!r}"
+              for s, k in LOCKED_KEYS if getattr(getattr(old, s), k) != getattr(getattr(job, s), k)]
+    if restored.attrs.get("data_sha256") not in (None, digest(data_path)):
+        diffs.append(f"the contents of {data_path} changed since {restored.path.name}")
+    if diffs:
+        raise ResumeError(f"refusing to resume from {restored.path}: the job differs from the checkpoint's "
+                          "(" + "; ".join(diffs) + "). Start a new run directory with `ndde train` instead.")
+
+
+class Trainer:
+    def __init__(self, job, run_dir, backend, data_path, extra_attrs=None):
+        self.job, self.backend = job, backend
+        self.run_dir = pathlib.Path(run_dir)
+        self.model = build_model(job)
+        self.theta0 = self.model.init(jax.random.PRNGKey(job.model.seed))
+        self.opt = make_optimizer(job)
+        self.manager = CheckpointManager(self.run_dir / "checkpoints", job.checkpoint.keep)
+        self.config_text = job.to_toml()
+        self.attrs = {"shards": backend.shards, "backend": job.backend.kind,
+                      "data_sha256": digest(data_path), **(extra_attrs or {})}
+        self.data_path = data_path
+        _, self.unravel = ravel_pytree(self.theta0)
+        self._update = jax.jit(self._update_fn)
+
+    def _update_fn(self, theta, opt_state, grad):
+        updates, opt_state = self.opt.update(grad, opt_state, theta)
+        return optax.apply_updates(theta, updates), opt_state
+
+    def restore_latest(self) -> Restored | None:
+        step = self.backend.broadcast(self.manager.latest_valid_step() if self.backend.is_root else None)
+        if step is None:
+            return None
+        restored = self.manager.restore(step, self.theta0, self.opt.init(self.theta0))
+        check_resumable(self.job, restored, self.data_path)
+        return restored
+
+    def _save(self, step, theta, opt_state, metrics):
+        if self.backend.is_root:
+            rng = np.array([self.job.train.seed, step], np.uint64)
+            return self.manager.save(step, theta, opt_state, rng, {k: np.asarray(v) for k, v in metrics.items()},
+                                     self.config_text, self.attrs)
+        return None
+
+    def run(self, total_steps: int, restored: Restored | None = None, progress: bool = True) -> dict:
+        job, B = self.job, self.job.train.batch_size
+        if restored is None:
+            theta, opt_state, start = self.theta0, self.opt.init(self.theta0), 0
+            metrics = {k: [] for k in METRICS}
+        else:
+            theta = jax.tree_util.tree_map(jnp.asarray, restored.params)
+            opt_state = jax.tree_util.tree_map(jnp.asarray, restored.opt_state)
+            start = restored.step
+            metrics = {k: list(restored.metrics.get(k, []))[:start] for k in METRICS}
+        bar = _progress(job.name, start, total_steps, progress and self.backend.is_root)
+        t_begin, done, saved = time.perf_counter(), 0, None
+        with _Signals() as signals:
+            for step in range(start + 1, total_steps + 1):
+                t = time.perf_counter()
+                red = self.backend.step(np.asarray(ravel_pytree(theta)[0]), step)
+                loss, grad = float(red.loss_per_shard.sum() / B), red.grad_sum / B
+                good = not red.errors and np.isfinite(loss) and bool(np.all(np.isfinite(grad)))
+                if good:
+                    theta, opt_state = self._update(theta, opt_state, self.unravel(jnp.asarray(grad)))
+                elif job.train.on_nonfinite == "stop":
+                    why = (red.errors[0].rstrip(".") if red.errors else
+                           f"non-finite loss ({loss})" if not np.isfinite(loss) else
+                           f"non-finite gradient ({int(np.sum(~np.isfinite(grad)))} of {grad.size} entries)")
+                    newest = self.manager.latest_step()
+                    bar.close()
+                    raise TrainingError(
+                        f"step {step} failed: {why}. The update was not applied; the newest checkpoint "
+                        f"{'is step ' + str(newest) if newest is not None else 'does not exist yet'} "
+                        f"in {self.manager.directory}. (Set train.on_nonfinite = \"skip\" to skip such steps.)")
+                tau = self.model.tau(theta)
+                for key, value in (("loss", loss), ("loss_per_shard", red.loss_per_shard),
+                                   ("grad_norm", float(np.linalg.norm(grad))), ("solver_steps", red.steps),
+                                   ("rejected", red.rejected), ("rhs_evals", red.rhs_evals),
+                                   ("wall_time", time.perf_counter() - t),
+                                   ("tau", float(tau) if tau is not None else np.nan), ("skipped", not good)):
+                    metrics[key].append(value)
+                done += 1
+                stop = self.backend.agree(signals.received)
+                if step % job.checkpoint.every == 0 or step == total_steps or stop:
+                    saved = self._save(step, theta, opt_state, metrics) or saved
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3e}")
+                if stop:
+                    bar.close()
+                    raise Preempted(f"{stop} received: checkpointed step {step} to {saved}; resume with "
+                                    f"`ndde resume {self.run_dir}`")
+        bar.close()
+        elapsed = time.perf_counter() - t_begin
+        return {"step": total_steps, "loss": metrics["loss"][-1] if metrics["loss"] else None,
+                "steps_run": done, "steps_per_s": done / elapsed if elapsed > 0 else None,
+                "checkpoint": str(saved) if saved else None,
+                "tau": metrics["tau"][-1] if metrics["tau"] and np.isfinite(metrics["tau"][-1]) else None}
+
+
+def _progress(name, start, total, enabled):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc=name, unit="step", disable=not (enabled and sys.stderr.isatty()))

@@ -1,0 +1,102 @@
+"""Job files: every shipped job parses; bad keys, types and values are errors naming the key."""
+
+import dataclasses
+
+import pytest
+
+from pipeline import config
+from tests.pipeline_helpers import ROOT
+
+JOBS = sorted((ROOT / "jobs").glob("*.toml"))
+
+
+def test_three_jobs_ship_and_parse():
+    names = {p.stem for p in JOBS}
+    assert {"hnn_pendulum", "ndde_mackey_glass", "delayed_gradient"} <= names
+    for path in JOBS:
+        job = config.load(path)
+        assert job.name == path.stem
+
+
+@pytest.mark.parametrize("path", JOBS, ids=lambda p: p.stem)
+def test_resolved_toml_round_trips(path):
+    job = config.load(path, ["solver.rtol=1e-07", "model.hidden=[4, 5]"])
+    assert config.from_toml_text(job.to_toml()) == job
+    assert job.solver.rtol == 1e-7 and job.model.hidden == (4, 5)
+
+
+def _err(tmp_path, text, overrides=()):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as info:
+        config.load(path, overrides)
+    return str(info.value)
+
+
+def test_unknown_key_is_named_with_the_allowed_keys(tmp_path):
+    msg = _err(tmp_path, "[solver]\nrtoll = 1e-6\n")
+    assert "solver.rtoll" in msg and "rtol" in msg and "atol" in msg
+
+
+def test_unknown_section(tmp_path):
+    assert "'solvr'" in _err(tmp_path, "[solvr]\nrtol = 1e-6\n")
+
+
+def test_wrong_type_names_key_and_type(tmp_path):
+    msg = _err(tmp_path, '[train]\nsteps = "ten"\n')
+    assert "train.steps" in msg and "int" in msg
+
+
+def test_bool_is_not_an_int(tmp_path):
+    assert "train.steps" in _err(tmp_path, "[train]\nsteps = true\n")
+
+
+def test_choice_lists_allowed_values(tmp_path):
+    msg = _err(tmp_path, '[solver]\nsensitivity = "magic"\n')
+    assert "solver.sensitivity" in msg and "'interpolating'" in msg and "'backprop'" in msg
+
+
+@pytest.mark.parametrize("text,key", [("[solver]\nrtol = 0.0\n", "solver.rtol"),
+                                      ("[solver]\nrtol = -1e-6\n", "solver.rtol"),
+                                      ("[model]\ntau_init = 0.0\n", "model.tau_init"),
+                                      ("[train]\nbatch_size = 0\n", "train.batch_size"),
+                                      ("[checkpoint]\nkeep = 0\n", "checkpoint.keep"),
+                                      ("[solver]\natol = nan\n", "solver.atol"),
+                                      ("[model]\nhidden = [8, -1]\n", "model.hidden")])
+def test_out_of_range(tmp_path, text, key):
+    assert key in _err(tmp_path, text)
+
+
+def test_invalid_toml_names_file(tmp_path):
+    assert "bad.toml" in _err(tmp_path, "[solver\n")
+
+
+def test_model_and_data_must_fit(tmp_path):
+    msg = _err(tmp_path, '[model]\nkind = "ndde"\n[data]\nsystem = "pendulum"\n')
+    assert "mackey_glass" in msg
+
+
+def test_backsolve_on_a_dde_model_is_refused(tmp_path):
+    msg = _err(tmp_path, '[model]\nkind = "ndde"\n[data]\nsystem = "mackey_glass"\n'
+                         '[solver]\nsensitivity = "backsolve"\n')
+    assert "interpolating" in msg
+
+
+def test_batch_must_split_over_workers(tmp_path):
+    assert "backend.workers" in _err(tmp_path, "[train]\nbatch_size = 5\n[backend]\nworkers = 2\n")
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text("")
+    job = config.load(path, ["train.steps=7", "backend.kind=dask", 'optimizer.name="sgd"'])
+    assert (job.train.steps, job.backend.kind, job.optimizer.name) == (7, "dask", "sgd")
+    assert "train.stepz" in _err(tmp_path, "", ["train.stepz=3"])
+    assert "section.key=value" in _err(tmp_path, "", ["steps=3"])
+    assert "'nope'" in _err(tmp_path, "", ["nope.x=3"])
+
+
+def test_differences_names_changed_keys():
+    a = config.from_dict({})
+    b = dataclasses.replace(a, model=dataclasses.replace(a.model, hidden=(4,)))
+    assert config.differences(a, b, ("model", "data")) == ["model.hidden: (32, 32) -> (4,)"]

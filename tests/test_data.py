@@ -1,0 +1,91 @@
+"""HDF5 trajectory data: generated from the known systems, validated, read by shard."""
+
+import h5py
+import numpy as np
+import pytest
+
+from pipeline import config, data
+from tests.pipeline_helpers import tiny_job
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("data")
+    job = config.load(tiny_job(tmp))
+    return job, data.generate(job)
+
+
+def test_generated_pendulum_conserves_energy(tiny):
+    job, path = tiny
+    info = data.validate(path, job)
+    assert info == {"n": 10, "n_times": 6}
+    with h5py.File(path) as f:
+        ys, x0 = f["ys"][...], f["x0"][...]
+        assert f.attrs["format"] == "ndde-data" and f.attrs["system"] == "pendulum"
+    energy = 0.5 * ys[..., 1] ** 2 + 1 - np.cos(ys[..., 0])
+    assert np.max(np.abs(energy - energy[:, :1])) < 1e-8
+    np.testing.assert_array_equal(ys[:, 0], x0)
+
+
+@pytest.mark.parametrize("system,kind", [("mackey_glass", "ndde"), ("delayed_gradient", "delayed_gradient")])
+def test_dde_systems_write_history(tmp_path, system, kind):
+    job = config.from_dict({"model": {"kind": kind}, "data": {"system": system, "n_train": 2, "n_test": 1,
+                                                             "t1": 1.0, "n_times": 5,
+                                                             "path": str(tmp_path / "d.h5")},
+                            "train": {"batch_size": 2}})
+    path = data.generate(job)
+    data.validate(path, job)
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["history"][...], f["x0"][...])
+        assert f["ys"].shape == (3, 5, 1 if system == "mackey_glass" else 2)
+
+
+def _broken_copy(tmp_path, path, edit):
+    out = tmp_path / "broken.h5"
+    with h5py.File(path) as src, h5py.File(out, "w") as dst:
+        for name in src:
+            src.copy(name, dst)
+        edit(dst)
+    return out
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda f: f.__delitem__("ys"), "no dataset 'ys'"),
+    (lambda f: f.__delitem__("x0"), "no dataset 'x0'"),
+    (lambda f: (f.__delitem__("x0"), f.__setitem__("x0", np.zeros((10, 3)))), "'x0' has shape (10, 3)"),
+    (lambda f: (f.__delitem__("ts"), f.__setitem__("ts", np.linspace(1, 2, 6))), "starting at 0"),
+    (lambda f: f["ys"].__setitem__((0, 1, 0), np.nan), "'ys' contains NaN"),
+])
+def test_bad_layout_names_the_dataset(tmp_path, tiny, edit, needle):
+    job, path = tiny
+    with pytest.raises(data.DataError) as info:
+        data.validate(_broken_copy(tmp_path, path, edit), job)
+    assert needle in str(info.value)
+
+
+def test_too_few_rows_and_missing_and_not_hdf5(tmp_path, tiny):
+    job, path = tiny
+    with pytest.raises(data.DataError, match="holds 10 trajectories"):
+        data.validate(path, job.replace("data", n_train=20))
+    with pytest.raises(data.DataError, match="does not exist"):
+        data.validate(tmp_path / "nope.h5", job)
+    junk = tmp_path / "junk.h5"
+    junk.write_bytes(b"not hdf5")
+    with pytest.raises(data.DataError, match="not a readable HDF5"):
+        data.validate(junk, job)
+
+
+def test_shards_partition_the_training_rows():
+    for n, shards in [(8, 2), (10, 3), (1024, 4), (7, 7)]:
+        blocks = [data.shard_bounds(n, shards, w) for w in range(shards)]
+        assert blocks[0][0] == 0 and blocks[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+        assert max(hi - lo for lo, hi in blocks) - min(hi - lo for lo, hi in blocks) <= 1
+
+
+def test_read_rows_reads_only_its_block(tiny):
+    job, path = tiny
+    rows = data.read_rows(path, job, 2, 5, np.float64)
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(rows["ys"], f["ys"][2:5])
+    assert rows["x0"].shape == (3, 2)
