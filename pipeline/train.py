@@ -20,7 +20,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from . import config as config_mod
-from .checkpoint import CheckpointManager, Restored
+from .checkpoint import CheckpointManager, Restored, read_attrs
 from .data import digest
 from .models import build_model
 
@@ -80,15 +80,17 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def check_resumable(job, restored: Restored, data_path) -> None:
-    old = config_mod.from_toml_text(restored.attrs["config"])
+def check_resumable(job, attrs: dict, path, data_path) -> None:
+    """Refuse (ResumeError, listing every difference) when the job's model, data, batch
+    drawing or the data file's contents differ from the checkpoint at ``path``."""
+    old = config_mod.from_toml_text(attrs["config"])
     diffs = config_mod.differences(old, job, LOCKED_SECTIONS)
     diffs += [f"{s}.{k}: {getattr(getattr(old, s), k)!r} -> {getattr(getattr(job, s), k)!r}"
               for s, k in LOCKED_KEYS if getattr(getattr(old, s), k) != getattr(getattr(job, s), k)]
-    if restored.attrs.get("data_sha256") not in (None, digest(data_path)):
-        diffs.append(f"the contents of {data_path} changed since {restored.path.name}")
+    if attrs.get("data_sha256") not in (None, digest(data_path)):
+        diffs.append(f"the contents of {data_path} changed since {pathlib.Path(path).name}")
     if diffs:
-        raise ResumeError(f"refusing to resume from {restored.path}: the job differs from the checkpoint's "
+        raise ResumeError(f"refusing to resume from {path}: the job differs from the checkpoint's "
                           "(" + "; ".join(diffs) + "). Start a new run directory with `ndde train` instead.")
 
 
@@ -115,9 +117,9 @@ class Trainer:
         step = self.backend.broadcast(self.manager.latest_valid_step() if self.backend.is_root else None)
         if step is None:
             return None
-        restored = self.manager.restore(step, self.theta0, self.opt.init(self.theta0))
-        check_resumable(self.job, restored, self.data_path)
-        return restored
+        path = self.manager.path(step)
+        check_resumable(self.job, read_attrs(path), path, self.data_path)
+        return self.manager.restore(step, self.theta0, self.opt.init(self.theta0))
 
     def _save(self, step, theta, opt_state, metrics):
         if self.backend.is_root:

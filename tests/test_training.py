@@ -1,0 +1,186 @@
+"""Training runs for real: local, Dask (LocalCluster worker processes) and `mpiexec -n 2`
+agree; SIGKILL at any moment then `ndde resume` repeats the bits of an uninterrupted run;
+broken checkpoints, changed jobs, NaN and solver failures are handled as documented."""
+
+import os
+import random
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from tests.pipeline_helpers import BIN, assert_same_bits, ndde, params_of, tiny_job
+
+STEPS, EVERY = 12, 2
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """The uninterrupted reference run (local backend, 2 shards) and the data it used."""
+    tmp = tmp_path_factory.mktemp("train")
+    job = tiny_job(tmp, steps=STEPS, every=EVERY)
+    ndde("train", job, "--run-dir", tmp / "ref")
+    return tmp, job, tmp / "ref" / "checkpoints"
+
+
+def _ckpt(run_dir, step):
+    return run_dir / "checkpoints" / f"step_{step:08d}.h5"
+
+
+def test_reference_run_learns_and_records_metrics(shared):
+    tmp, job, ref = shared
+    assert sorted(p.name for p in ref.iterdir()) == [f"step_{s:08d}.h5" for s in (8, 10, 12)]
+    with h5py.File(ref / "step_00000012.h5") as f:
+        loss = f["metrics/loss"][...]
+        assert loss.shape == (STEPS,) and f["metrics/loss_per_shard"].shape == (STEPS, 2)
+        assert np.all(f["metrics/solver_steps"][...] > 0) and np.all(f["metrics/rhs_evals"][...] > 0)
+        assert np.all(f["metrics/wall_time"][...] > 0) and np.all(np.isfinite(f["metrics/grad_norm"][...]))
+        assert f.attrs["step"] == STEPS and f.attrs["shards"] == 2 and "[model]" in f.attrs["config"]
+        np.testing.assert_allclose(f["metrics/loss"][...],
+                                   f["metrics/loss_per_shard"][...].sum(axis=1) / 4, rtol=1e-14)
+    assert np.mean(loss[-3:]) < np.mean(loss[:3])
+
+
+@pytest.mark.slow
+def test_dask_with_a_killed_worker_and_mpi_match_local(shared, tmp_path):
+    tmp, job, ref = shared
+    marker = tmp_path / "killed"
+    ndde("train", job, "--run-dir", tmp_path / "dask", "--backend", "dask",
+         env={"NDDE_TEST_KILL_WORKER": f"5:{marker}"})
+    assert marker.exists(), "the fault injection did not kill a worker"
+    assert_same_bits(_ckpt(tmp_path / "dask", STEPS), ref / "step_00000012.h5")
+    ndde("train", job, "--run-dir", tmp_path / "mpi", "--backend", "mpi", mpi_ranks=2)
+    assert_same_bits(_ckpt(tmp_path / "mpi", STEPS), ref / "step_00000012.h5")
+
+
+def _start(job, run_dir, env=None):
+    return subprocess.Popen([str(BIN / "ndde"), "train", str(job), "--run-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def _wait_for(predicate, proc, timeout=300):
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training ended early: {proc.stderr.read().decode()}"
+        assert time.time() < end, "timed out"
+        time.sleep(0.01)
+
+
+def test_sigkill_during_a_step_then_resume_is_bit_identical(shared, tmp_path):
+    tmp, job, ref = shared
+    run = tmp_path / "run"
+    proc = _start(job, run)
+    _wait_for(lambda: _ckpt(run, 4).exists(), proc)
+    time.sleep(random.uniform(0.0, 0.05))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not _ckpt(run, STEPS).exists()
+    ndde("resume", run)
+    assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
+    with h5py.File(_ckpt(run, STEPS)) as a, h5py.File(ref / "step_00000012.h5") as b:
+        np.testing.assert_array_equal(a["metrics/loss"][...], b["metrics/loss"][...])
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(shared, tmp_path):
+    tmp, job, ref = shared
+    run = tmp_path / "run"
+    proc = _start(job, run, env={"NDDE_TEST_PAUSE_BEFORE_RENAME": "30"})
+    tmp_file = run / "checkpoints" / "step_00000002.h5.tmp"
+    _wait_for(tmp_file.exists, proc)
+    time.sleep(0.5)  # the file is written and fsynced; the process sleeps before the rename
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not _ckpt(run, 2).exists() and tmp_file.exists()
+    result = ndde("resume", run)
+    assert "starting from step 0" in result.stderr
+    assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
+
+
+def test_truncated_newest_checkpoint_is_skipped(shared, tmp_path):
+    tmp, job, ref = shared
+    run = tmp_path / "run"
+    ndde("train", job, "--run-dir", run, "--steps", "10")
+    newest = _ckpt(run, 10)
+    newest.write_bytes(newest.read_bytes()[:2000])
+    result = ndde("resume", run, "--steps", str(STEPS))
+    assert "step_00000010.h5" in result.stderr and "skipping" in result.stderr
+    assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
+
+
+def test_resume_refuses_a_changed_model_or_data(shared, tmp_path):
+    tmp, job, ref = shared
+    run = tmp_path / "run"
+    ndde("train", job, "--run-dir", run, "--steps", "2")
+    original = (run / "job.toml").read_text()
+    (run / "job.toml").write_text(original.replace("hidden = [8]", "hidden = [6]"))
+    result = ndde("resume", run, check=False)
+    assert result.returncode == 2 and "model.hidden: (8,) -> (6,)" in result.stderr
+    (run / "job.toml").write_text(original.replace("batch_size = 4", "batch_size = 2"))
+    result = ndde("resume", run, check=False)
+    assert result.returncode == 2 and "train.batch_size" in result.stderr
+    (run / "job.toml").write_text(original)
+    ndde("resume", run, "--steps", "3")
+    assert _ckpt(run, 3).exists()
+    result = ndde("train", job, "--run-dir", run, check=False)
+    assert result.returncode == 2 and "already holds checkpoints" in result.stderr
+
+
+def test_resume_refuses_changed_data(shared, tmp_path):
+    tmp, job, ref = shared
+    run, own = tmp_path / "run", tmp_path / "own.h5"
+    ndde("train", job, "--run-dir", run, "--steps", "2", "--set", f'data.path="{own}"')
+    with h5py.File(own, "r+") as f:
+        f["ys"][0, 1, 0] += 1e-3
+    result = ndde("resume", run, check=False)
+    assert result.returncode == 2 and f"the contents of {own} changed" in result.stderr
+
+
+def test_nan_gradient_stops_naming_the_step_and_keeps_good_checkpoints(shared, tmp_path):
+    tmp, job, ref = shared
+    run = tmp_path / "run"
+    env = {"NDDE_TEST_NAN_AT_STEP": "3"}
+    result = ndde("train", job, "--run-dir", run, "--steps", "5", "--set", "checkpoint.every=1",
+                  env=env, check=False)
+    assert result.returncode == 3 and "step 3 failed: non-finite gradient" in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.h5", "step_00000002.h5"]
+    assert_same_bits(_ckpt(run, 2), _ckpt(run, 2))  # intact
+    skip = tmp_path / "skip"
+    ndde("train", job, "--run-dir", skip, "--steps", "4", "--set", "checkpoint.every=1",
+         "--set", 'train.on_nonfinite="skip"', env=env)
+    with h5py.File(_ckpt(skip, 4)) as f:
+        assert f["metrics/skipped"][...].tolist() == [False, False, True, False]
+    assert_same_bits(_ckpt(skip, 2), _ckpt(skip, 3))  # step 3 applied nothing
+
+
+def test_solver_failure_stops_with_its_message(shared, tmp_path):
+    tmp, job, ref = shared
+    result = ndde("train", job, "--run-dir", tmp_path / "run", "--set", "solver.max_steps=2", check=False)
+    assert result.returncode == 3
+    assert "step 1 failed" in result.stderr and "step budget exhausted" in result.stderr
+
+
+def test_report_and_inspect(shared):
+    tmp, job, ref = shared
+    run = ref.parent
+    out = ndde("report", run).stdout
+    png = run / "report.png"
+    assert "held-out MSE" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    text = ndde("inspect", ref / "step_00000012.h5").stdout
+    assert "sha256 verifies" in text and "params/H/0/w: float64 [2, 8]" in text and "@step = 12" in text
+
+
+def test_gradcheck_methods_agree_with_finite_differences(shared):
+    tmp, job, ref = shared
+    out = ndde("gradcheck", job).stdout
+    worst = float(out.strip().splitlines()[-1].split()[-1])
+    assert worst < 1e-6, out
+    for method in ("Backprop", "ForwardMode", "BacksolveAdjoint", "InterpolatingAdjoint", "finite"):
+        assert method in out
+
+
+@pytest.mark.parametrize("command", ["train", "resume", "data", "report", "inspect", "gradcheck"])
+def test_help(command):
+    assert "usage: ndde " + command in ndde(command, "--help").stdout
