@@ -1,4 +1,4 @@
-"""The `ndde` command: train, resume, data, report, inspect, gradcheck."""
+"""The `ndde` command: train, resume, data, report, inspect, gradcheck, submit, sweep, status."""
 
 from __future__ import annotations
 
@@ -67,8 +67,51 @@ def _gradcheck(args):
     return 0
 
 
+def _submit(args):
+    from . import config, submit
+
+    job = submit.apply_flags(config.load(args.job, args.set), **_slurm_flags(args))
+    script, job_id = submit.submit(job, args.run_dir or f"runs/{job.name}", dry_run=args.dry_run)
+    print(script if args.dry_run else f"submitted {args.run_dir or 'runs/' + job.name}/job.sbatch\n{job_id}")
+    return 0
+
+
+def _sweep(args):
+    from . import config, submit
+
+    name = config.load(args.job, args.set).name
+    script, job_id = submit.sweep(args.job, args.grid, args.sweep_dir or f"runs/{name}-sweep", args.set,
+                                  _slurm_flags(args), dry_run=args.dry_run)
+    print(script if args.dry_run else job_id)
+    return 0
+
+
+def _status(args):
+    from .submit import status
+
+    print(status(args.run_dir))
+    return 0
+
+
+def _slurm_flags(args):
+    return {k: getattr(args, k) for k in ("backend", "steps", "nodes", "ntasks_per_node", "gpus_per_node", "time",
+                                          "partition")}
+
+
+def _add_slurm_flags(p):
+    p.add_argument("--backend", choices=("mpi", "dask"), help="override backend.kind")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--nodes", type=int, help="override slurm.nodes")
+    p.add_argument("--ntasks-per-node", type=int, help="override slurm.ntasks_per_node (ranks or workers)")
+    p.add_argument("--gpus-per-node", type=int, help="override slurm.gpus_per_node")
+    p.add_argument("--time", help="override slurm.time, e.g. 02:00:00")
+    p.add_argument("--partition", help="override slurm.partition")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
+
+
 def _add_backend_flags(p, with_steps_help):
-    p.add_argument("--backend", choices=("local", "dask", "mpi"), help="override backend.kind")
+    p.add_argument("--backend", choices=("local", "dask", "dask-slurm", "mpi"), help="override backend.kind")
     p.add_argument("--workers", type=int, help="override backend.workers (dask workers / local shards)")
     p.add_argument("--scheduler", help="dask: tcp://host:port of an existing scheduler")
     p.add_argument("--steps", type=int, help=with_steps_help)
@@ -84,6 +127,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one job key (TOML value), repeatable")
     p.set_defaults(func=_train)
+    p = sub.add_parser("submit", help="render RUN_DIR/job.sbatch and submit it with sbatch (prints the job id)")
+    p.add_argument("job")
+    p.add_argument("--run-dir", help="run directory (default runs/<job name>)")
+    _add_slurm_flags(p)
+    p.set_defaults(func=_submit)
+    p = sub.add_parser("sweep", help="submit one Slurm job array over a grid of job values")
+    p.add_argument("job")
+    p.add_argument("--grid", action="append", required=True, metavar="SECTION.KEY=V1,V2,...")
+    p.add_argument("--sweep-dir", help="parent of the run directories (default runs/<job name>-sweep)")
+    _add_slurm_flags(p)
+    p.set_defaults(func=_sweep)
+    p = sub.add_parser("status", help="Slurm state and newest checkpoint of a submitted run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_status)
     p = sub.add_parser("resume", help="continue a run from its newest checkpoint that verifies")
     p.add_argument("run_dir")
     _add_backend_flags(p, "stop at this step (default train.steps)")
@@ -111,13 +168,15 @@ def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .submit import SubmitError
     from .train import EXIT_PREEMPTED, Preempted, ResumeError, TrainingError
 
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ResumeError, CheckpointError, FileExistsError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ResumeError, CheckpointError, FileExistsError, FileNotFoundError,
+            SubmitError) as err:
         print(f"ndde {args.command}: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except TrainingError as err:

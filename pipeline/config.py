@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import re
 import tomllib
 from typing import Any
 
@@ -18,9 +19,10 @@ class ConfigError(ValueError):
     """A job file or override that does not describe a valid job."""
 
 
-def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, doc=""):
+def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, pattern=None, item=int, doc=""):
     return dataclasses.field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi,
-                                                        "lo_open": lo_open, "doc": doc})
+                                                        "lo_open": lo_open, "pattern": pattern, "item": item,
+                                                        "doc": doc})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,7 @@ class OptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class BackendConfig:
-    kind: str = _spec("local", choices=("local", "dask", "mpi"))
+    kind: str = _spec("local", choices=("local", "dask", "dask-slurm", "mpi"))
     workers: int = _spec(1, lo=1, doc="shards (dask workers, mpi ranks); local computes them in turn")
     scheduler: str = _spec("", doc="dask: tcp://host:port of an existing scheduler; empty: embedded cluster")
 
@@ -86,8 +88,32 @@ class CheckpointConfig:
     keep: int = _spec(3, lo=1)
 
 
+_SLURM_WORD = r"[A-Za-z0-9_.,:+-]*"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlurmConfig:
+    """Resources for `ndde submit`; values end up in #SBATCH lines, so each is checked
+    against a pattern that admits no quotes, spaces, `$` or newlines."""
+
+    job_name: str = _spec("", pattern=r"[A-Za-z0-9_.-]*", doc="default: the job's name")
+    nodes: int = _spec(1, lo=1)
+    ntasks_per_node: int = _spec(1, lo=1, doc="MPI ranks or Dask workers per node")
+    gpus_per_node: int = _spec(0, lo=0)
+    cpus_per_task: int = _spec(1, lo=1)
+    mem: str = _spec("", pattern=r"([0-9]+[KMGT]?)?", doc="per node, e.g. 4G; empty: the cluster default")
+    time: str = _spec("01:00:00", pattern=r"([0-9]+-)?[0-9]{1,2}(:[0-9]{2}){0,2}|[0-9]+")
+    partition: str = _spec("", pattern=_SLURM_WORD)
+    account: str = _spec("", pattern=_SLURM_WORD)
+    qos: str = _spec("", pattern=_SLURM_WORD)
+    extra: tuple = _spec((), item=str, pattern=r"--[a-z][a-z-]*(=[A-Za-z0-9_.,:/@%+=-]*)?",
+                         doc='extra #SBATCH options, e.g. ["--constraint=a100"]')
+    signal_grace: int = _spec(120, lo=1, doc="seconds between USR1 and the time limit")
+    launcher: str = _spec("mpiexec", choices=("mpiexec", "srun"), doc="how the mpi backend starts ranks")
+
+
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "solver": SolverConfig, "train": TrainConfig,
-            "optimizer": OptimizerConfig, "backend": BackendConfig, "checkpoint": CheckpointConfig}
+            "optimizer": OptimizerConfig, "backend": BackendConfig, "checkpoint": CheckpointConfig, "slurm": SlurmConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +126,7 @@ class JobConfig:
     optimizer: OptimizerConfig
     backend: BackendConfig
     checkpoint: CheckpointConfig
+    slurm: SlurmConfig
 
     @property
     def data_path(self) -> pathlib.Path:
@@ -134,6 +161,12 @@ def _toml_value(value) -> str:
 def _check_value(section: str, field: dataclasses.Field, value: Any):
     where = f"{section}.{field.name}"
     meta, want = field.metadata, type(field.default)
+    if want is tuple and meta["item"] is str:
+        if not isinstance(value, (list, tuple)) or not all(
+                isinstance(v, str) and re.fullmatch(meta["pattern"], v) for v in value):
+            raise ConfigError(f"{where} must be a list of strings matching {meta['pattern']} "
+                              f"(no spaces, quotes, $ or newlines), got {value!r}")
+        return tuple(value)
     if want is tuple:
         if not isinstance(value, (list, tuple)) or not value or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
@@ -143,6 +176,9 @@ def _check_value(section: str, field: dataclasses.Field, value: Any):
         value = float(value)
     if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
         raise ConfigError(f"{where} must be of type {want.__name__}, got {value!r} ({type(value).__name__})")
+    if meta["pattern"] is not None and not re.fullmatch(meta["pattern"], value):
+        raise ConfigError(f"{where} must match {meta['pattern']} (no spaces, quotes, $ or newlines), "
+                          f"got {value!r}")
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ConfigError(f"{where} must be one of {', '.join(map(repr, meta['choices']))}; got {value!r}")
     if want in (int, float):

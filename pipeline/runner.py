@@ -4,6 +4,7 @@ backend, run the Trainer. The CLI and the tests call these two functions."""
 from __future__ import annotations
 
 import pathlib
+import sys
 import warnings
 
 from . import config as config_mod
@@ -61,7 +62,11 @@ def _run(job, run_dir, comm, total_steps, restore, progress, extra_attrs=None):
             (run_dir / "job.toml").write_text(job.to_toml())
         restored = trainer.restore_latest() if restore else None
         if restore and restored is None and backend.is_root:
-            warnings.warn(f"no checkpoint in {run_dir / 'checkpoints'} verifies; starting from step 0")
+            if trainer.manager.steps():
+                warnings.warn(f"no checkpoint in {trainer.manager.directory} verifies; starting from step 0")
+            else:
+                print(f"ndde: no checkpoint yet in {trainer.manager.directory}; starting from step 0",
+                      file=sys.stderr)
         summary = trainer.run(total_steps, restored, progress)
     finally:
         backend.close()

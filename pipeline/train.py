@@ -8,6 +8,7 @@ that never stopped (same backend and worker count).
 
 from __future__ import annotations
 
+import os
 import pathlib
 import signal
 import sys
@@ -42,6 +43,15 @@ class ResumeError(RuntimeError):
 
 class Preempted(RuntimeError):
     """SIGUSR1/SIGTERM arrived; the current step finished and a checkpoint was written."""
+
+
+def slurm_attrs(env=None) -> dict:
+    """slurm_job_id and slurm_restart_count when running inside a Slurm job."""
+    env = os.environ if env is None else env
+    if not env.get("SLURM_JOB_ID", "").isdigit():
+        return {}
+    restarts = env.get("SLURM_RESTART_COUNT", "0")
+    return {"slurm_job_id": int(env["SLURM_JOB_ID"]), "slurm_restart_count": int(restarts) if restarts.isdigit() else 0}
 
 
 def make_optimizer(job) -> optax.GradientTransformation:
@@ -104,7 +114,7 @@ class Trainer:
         self.manager = CheckpointManager(self.run_dir / "checkpoints", job.checkpoint.keep)
         self.config_text = job.to_toml()
         self.attrs = {"shards": backend.shards, "backend": job.backend.kind,
-                      "data_sha256": digest(data_path), **(extra_attrs or {})}
+                      "data_sha256": digest(data_path), **slurm_attrs(), **(extra_attrs or {})}
         self.data_path = data_path
         _, self.unravel = ravel_pytree(self.theta0)
         self._update = jax.jit(self._update_fn)
@@ -173,7 +183,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.3e}")
                 if stop:
                     bar.close()
-                    raise Preempted(f"{stop} received: checkpointed step {step} to {saved}; resume with "
+                    where = f" to {saved}" if self.backend.is_root else ""
+                    raise Preempted(f"{stop} received: checkpointed step {step}{where}; resume with "
                                     f"`ndde resume {self.run_dir}`")
         bar.close()
         elapsed = time.perf_counter() - t_begin

@@ -1,5 +1,6 @@
 """Where the shards of a training step run: ``local`` (this process, in turn), ``dask``
-(an embedded LocalCluster or a scheduler address), ``mpi`` (one shard per rank).
+(an embedded LocalCluster or a scheduler address), ``dask-slurm`` (dask-jobqueue's
+SLURMCluster: each worker a Slurm job), ``mpi`` (one shard per rank).
 
 A backend's ``step(flat_theta, step)`` returns the reduced step (``Reduced``) on every
 process that runs the training loop; ``is_root`` says which process writes files.
@@ -36,10 +37,10 @@ def make_backend(kind: str, config_text: str, data_path: str, workers: int, sche
     if kind == "local":
         from .local import LocalBackend
         return LocalBackend(config_text, data_path, workers)
-    if kind == "dask":
+    if kind in ("dask", "dask-slurm"):
         from .dask_backend import DaskBackend
-        return DaskBackend(config_text, data_path, workers, scheduler)
+        return DaskBackend(config_text, data_path, workers, scheduler, on_slurm=kind == "dask-slurm")
     if kind == "mpi":
         from .mpi_backend import MpiBackend
         return MpiBackend(config_text, data_path)
-    raise ValueError(f"unknown backend {kind!r}; use local, dask or mpi")
+    raise ValueError(f"unknown backend {kind!r}; use local, dask, dask-slurm or mpi")

@@ -28,22 +28,53 @@ def _shard_task(config_text, data_path, shard, shards, flat_theta, step):
     return worker_for(config_text, data_path, shard, shards).compute(flat_theta, step)
 
 
+def slurm_cluster(config_text: str, workers: int):
+    """dask-jobqueue's SLURMCluster: one Slurm job per worker (one process, one thread),
+    resources from the job's [slurm] section; the scheduler runs in this process."""
+    import sys
+
+    from dask_jobqueue import SLURMCluster
+
+    from ..config import from_toml_text
+
+    s = from_toml_text(config_text).slurm
+    directives = [f"--cpus-per-task={s.cpus_per_task}"] + list(s.extra)
+    if s.gpus_per_node:
+        directives.append("--gpus-per-node=1")
+    cluster = SLURMCluster(cores=1, processes=1, memory=_dask_memory(s.mem),
+                           walltime=s.time, queue=s.partition or None, account=s.account or None,
+                           job_extra_directives=directives, python=sys.executable,
+                           job_name=f"{s.job_name or 'ndde'}-worker", worker_extra_args=["--nthreads", "1"])
+    cluster.scale(jobs=workers)
+    return cluster
+
+
+def _dask_memory(mem: str) -> str:
+    """Slurm's --mem (bare number: megabytes) in dask's notation."""
+    if not mem:
+        return "2GB"
+    return mem + "MB" if mem.isdigit() else mem + "B"
+
+
 class DaskBackend:
     is_root = True
     rank = 0
 
-    def __init__(self, config_text: str, data_path: str, workers: int, scheduler: str = ""):
+    def __init__(self, config_text: str, data_path: str, workers: int, scheduler: str = "", on_slurm=False):
         from distributed import Client, LocalCluster
 
         self.config_text, self.data_path, self.shards = config_text, data_path, workers
         self.cluster = None
         if scheduler:
             self.client = Client(scheduler)
+        elif on_slurm:
+            self.cluster = slurm_cluster(config_text, workers)
+            self.client = Client(self.cluster)
         else:
             self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                         host="127.0.0.1", dashboard_address=None, memory_limit=0)
             self.client = Client(self.cluster)
-        self.client.wait_for_workers(1)
+        self.client.wait_for_workers(workers if on_slurm else 1, timeout=600 if on_slurm else None)
 
     def _worker_of(self, shard: int):
         info = self.client.scheduler_info(n_workers=-1)["workers"]

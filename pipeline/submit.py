@@ -1,0 +1,176 @@
+"""Slurm submission: render ``slurm/ndde.sbatch.in`` (a pure function of the job and the
+paths), submit it with ``sbatch``, and sweep a grid as one job array.
+
+Nothing from a job file or a flag reaches the shell unquoted: #SBATCH values are checked
+against patterns in ``config.SlurmConfig``; paths go through ``shlex.quote`` in shell lines
+and are refused in #SBATCH lines if they hold a double quote or a line break.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pathlib
+import shlex
+import shutil
+import subprocess
+import sys
+
+from . import config as config_mod
+from .checkpoint import CheckpointManager
+
+TEMPLATE = pathlib.Path(__file__).resolve().parent.parent / "slurm" / "ndde.sbatch.in"
+
+
+class SubmitError(RuntimeError):
+    """sbatch/squeue failed or a value cannot be put into a batch script safely."""
+
+
+def _directive_path(path) -> str:
+    text = str(path)
+    if any(c in text for c in '"\n\r\0'):
+        raise config_mod.ConfigError(f"path {text!r} cannot go into an #SBATCH line (it holds a double quote "
+                                     "or a line break); choose another run directory")
+    return f'"{text}"'
+
+
+def workers_of(job) -> int:
+    return job.slurm.nodes * job.slurm.ntasks_per_node
+
+
+def render_sbatch(job, run_dirs, output, ndde_bin, template: str | None = None) -> str:
+    """The batch script for ``job`` (its [slurm] section, already merged with flags) training
+    in ``run_dirs`` (one, or one per array task), Slurm output to ``output``."""
+    s, run_dirs = job.slurm, [pathlib.Path(d) for d in run_dirs]
+    lines = [f"--job-name={s.job_name or job.name}", f"--output={_directive_path(output)}",
+             f"--nodes={s.nodes}", f"--ntasks-per-node={s.ntasks_per_node}", f"--cpus-per-task={s.cpus_per_task}"]
+    if s.gpus_per_node:
+        lines.append(f"--gpus-per-node={s.gpus_per_node}")
+    for flag, value in (("mem", s.mem), ("time", s.time), ("partition", s.partition), ("account", s.account),
+                        ("qos", s.qos)):
+        if value:
+            lines.append(f"--{flag}={value}")
+    lines += [f"--signal=B:USR1@{s.signal_grace}", "--requeue", "--open-mode=append"]
+    if len(run_dirs) > 1:
+        lines.append(f"--array=0-{len(run_dirs) - 1}")
+    lines += list(s.extra)
+    directives = "\n".join(f"#SBATCH {line}" for line in lines)
+    if len(run_dirs) == 1:
+        select = f"RUN_DIR={shlex.quote(str(run_dirs[0]))}"
+    else:
+        select = ("RUN_DIRS=(" + " ".join(shlex.quote(str(d)) for d in run_dirs) + ")\n"
+                  'RUN_DIR="${RUN_DIRS[$SLURM_ARRAY_TASK_ID]}"')
+    bindir = pathlib.Path(ndde_bin).parent
+    if job.backend.kind == "mpi" and s.launcher == "srun":
+        launch = 'srun --kill-on-bad-exit=1 "$NDDE" resume "$RUN_DIR"'
+    elif job.backend.kind == "mpi":
+        launch = f'{shlex.quote(str(bindir / "mpiexec"))} -n "$SLURM_NTASKS" "$NDDE" resume "$RUN_DIR"'
+    else:
+        launch = '"$NDDE" resume "$RUN_DIR"'
+    text = TEMPLATE.read_text() if template is None else template
+    return text.format(directives=directives, grace=s.signal_grace, select_run_dir=select,
+                       ndde=shlex.quote(str(ndde_bin)), launch=launch)
+
+
+def apply_flags(job, *, backend=None, steps=None, nodes=None, ntasks_per_node=None, gpus_per_node=None,
+                time=None, partition=None):
+    flags = {"nodes": nodes, "ntasks_per_node": ntasks_per_node, "gpus_per_node": gpus_per_node, "time": time,
+             "partition": partition}
+    changes = {k: v for k, v in flags.items() if v is not None}
+    if changes:
+        job = job.replace("slurm", **changes)
+    if backend is not None:
+        job = job.replace("backend", kind=backend)
+    if job.backend.kind not in ("mpi", "dask"):
+        raise config_mod.ConfigError(f"backend.kind must be 'mpi' or 'dask' for `ndde submit`, got "
+                                     f"{job.backend.kind!r}")
+    if steps is not None:
+        job = job.replace("train", steps=steps)
+    job = job.replace("backend", workers=workers_of(job))
+    if job.backend.kind == "dask" and job.slurm.nodes != 1:
+        raise config_mod.ConfigError("backend 'dask' runs a LocalCluster inside one allocation: slurm.nodes must "
+                                     "be 1 (use backend 'dask-slurm' from a login node for several nodes)")
+    return job.replace("data", path=str(job.data_path.resolve()))
+
+
+def _prepare_run_dir(job, run_dir) -> pathlib.Path:
+    run_dir = pathlib.Path(run_dir).resolve()
+    newest = CheckpointManager(run_dir / "checkpoints").latest_step()
+    if newest is not None:
+        raise FileExistsError(f"{run_dir} already holds checkpoints (newest: step {newest}); choose another "
+                              "--run-dir")
+    config_mod.check_consistent(job)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "job.toml").write_text(job.to_toml())
+    return run_dir
+
+
+def ndde_bin() -> pathlib.Path:
+    return pathlib.Path(sys.executable).parent / "ndde"
+
+
+def sbatch(script_path) -> str:
+    if shutil.which("sbatch") is None:
+        raise SubmitError("sbatch not found: is this a Slurm login node? (slurm/local-cluster.sh start "
+                          "brings up a single-node Slurm here)")
+    result = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SubmitError(f"sbatch failed ({result.returncode}): {result.stderr.strip()}")
+    return result.stdout.strip().split(";")[0]
+
+
+def submit(job, run_dir, dry_run=False) -> tuple[str, str | None]:
+    """Write RUN_DIR/job.toml and RUN_DIR/job.sbatch; submit unless dry_run. (script, job id)"""
+    run_dir = _prepare_run_dir(job, run_dir)
+    script = render_sbatch(job, [run_dir], run_dir / "slurm-%j.out", ndde_bin())
+    (run_dir / "job.sbatch").write_text(script)
+    if dry_run:
+        return script, None
+    job_id = sbatch(run_dir / "job.sbatch")
+    (run_dir / "slurm_job_id").write_text(job_id + "\n")
+    return script, job_id
+
+
+def grid_points(grid: list[str]) -> list[list[str]]:
+    """``section.key=v1,v2`` options -> the list of override lists of their product."""
+    axes = []
+    for text in grid:
+        section, key, _ = config_mod.parse_override(text.split(",")[0])
+        values = text.split("=", 1)[1].split(",")
+        axes.append([f"{section}.{key}={v}" for v in values])
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def sweep(job_path, grid, sweep_dir, base_overrides=(), flags=None, dry_run=False):
+    """One run directory per grid point (``point-000``...), one array job over them."""
+    sweep_dir = pathlib.Path(sweep_dir).resolve()
+    run_dirs, jobs = [], []
+    for i, point in enumerate(grid_points(grid)):
+        job = apply_flags(config_mod.load(job_path, [*base_overrides, *point]), **(flags or {}))
+        run_dirs.append(_prepare_run_dir(job, sweep_dir / f"point-{i:03d}"))
+        jobs.append(job)
+    script = render_sbatch(jobs[0], run_dirs, sweep_dir / "slurm-%A_%a.out", ndde_bin())
+    (sweep_dir / "sweep.sbatch").write_text(script)
+    (sweep_dir / "points.txt").write_text("".join(f"{d.name} {' '.join(p)}\n" for d, p in
+                                                 zip(run_dirs, grid_points(grid))))
+    if dry_run:
+        return script, None
+    return script, sbatch(sweep_dir / "sweep.sbatch")
+
+
+def status(run_dir) -> str:
+    run_dir = pathlib.Path(run_dir)
+    lines = [f"run {run_dir}"]
+    id_file = run_dir / "slurm_job_id"
+    if id_file.exists():
+        job_id = id_file.read_text().strip()
+        result = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+        fields = dict(tok.split("=", 1) for tok in result.stdout.split() if "=" in tok)
+        state = fields.get("JobState", "unknown (no longer known to slurmctld)")
+        lines.append(f"slurm job {job_id}: {state}, restarts {fields.get('Restarts', '?')}, "
+                     f"reason {fields.get('Reason', '?')}")
+    else:
+        lines.append("not submitted to Slurm (no slurm_job_id file)")
+    manager = CheckpointManager(run_dir / "checkpoints")
+    step = manager.latest_valid_step()
+    lines.append(f"newest checkpoint: {manager.path(step) if step is not None else 'none'}")
+    return "\n".join(lines)

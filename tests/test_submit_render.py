@@ -1,0 +1,107 @@
+"""sbatch generation is a pure function, tested against a recorded script; nothing from a
+job file or a flag can inject shell code into it."""
+
+import os
+import pathlib
+import stat
+import subprocess
+
+import pytest
+
+from pipeline import config, submit
+from tests.pipeline_helpers import ROOT
+
+RECORDED = pathlib.Path(__file__).parent / "data" / "delayed_gradient_mpi.sbatch"
+
+
+def _job(*overrides, backend="mpi"):
+    job = config.load(ROOT / "jobs" / "delayed_gradient.toml", ["slurm.partition=\"gpu\"", "slurm.mem=\"8G\"",
+                                                                 "slurm.time=\"0-02:00:00\"", *overrides])
+    return submit.apply_flags(job, backend=backend, ntasks_per_node=2, gpus_per_node=2, nodes=1)
+
+
+def test_render_matches_the_recorded_script():
+    script = submit.render_sbatch(_job("slurm.extra=[\"--constraint=h100\"]"), ["/scratch/runs/dg"],
+                                  "/scratch/runs/dg/slurm-%j.out", "/opt/ndde/.venv/bin/ndde")
+    assert script == RECORDED.read_text()
+
+
+def test_render_is_pure_and_reflects_flags():
+    a = submit.render_sbatch(_job(), ["/r"], "/r/o", "/b/ndde")
+    assert a == submit.render_sbatch(_job(), ["/r"], "/r/o", "/b/ndde")
+    b = submit.render_sbatch(submit.apply_flags(_job(), nodes=3, time="10:00"), ["/r"], "/r/o", "/b/ndde")
+    assert "#SBATCH --nodes=3" in b and "#SBATCH --time=10:00" in b
+    srun = submit.render_sbatch(_job("slurm.launcher=\"srun\""), ["/r"], "/r/o", "/b/ndde")
+    assert 'srun --kill-on-bad-exit=1 "$NDDE" resume "$RUN_DIR"' in srun
+    dask = submit.render_sbatch(_job(backend="dask"), ["/r"], "/r/o", "/b/ndde")
+    assert '\n"$NDDE" resume "$RUN_DIR" &\n' in dask and "mpiexec" not in dask
+    array = submit.render_sbatch(_job(), ["/r/a", "/r/b c"], "/r/o", "/b/ndde")
+    assert "#SBATCH --array=0-1" in array and "RUN_DIRS=(/r/a '/r/b c')" in array
+
+
+def test_workers_follow_the_allocation():
+    job = _job()
+    assert job.backend.workers == 2 and job.backend.kind == "mpi"
+    with pytest.raises(config.ConfigError, match="slurm.nodes must be 1"):
+        submit.apply_flags(job, backend="dask", nodes=2)
+    with pytest.raises(config.ConfigError, match="'mpi' or 'dask'"):
+        submit.apply_flags(job, backend="local")
+
+
+EVIL = ["a b", "it's", 'say "hi"', "$(touch PWNED)", "`touch PWNED`", "x\ny", "x;touch PWNED", "x&&y"]
+
+
+@pytest.mark.parametrize("value", EVIL)
+@pytest.mark.parametrize("key", ["slurm.job_name", "slurm.partition", "slurm.account", "slurm.qos",
+                                 "slurm.mem", "slurm.time"])
+def test_sbatch_values_reject_shell_syntax(key, value):
+    with pytest.raises(config.ConfigError, match=key.replace(".", r"\.")):
+        config.from_dict({key.split(".")[0]: {key.split(".")[1]: value}})
+
+
+@pytest.mark.parametrize("value", EVIL + ["--ok\n#SBATCH --evil", "--comment=$(id)", "#SBATCH --x"])
+def test_extra_lines_reject_shell_syntax(value):
+    with pytest.raises(config.ConfigError, match="slurm.extra"):
+        config.from_dict({"slurm": {"extra": [value]}})
+
+
+@pytest.mark.parametrize("name", EVIL)
+def test_job_names_reject_shell_syntax(name):
+    with pytest.raises(config.ConfigError, match="name must be"):
+        config.from_dict({"name": name})
+
+
+def test_paths_with_quotes_or_newlines_cannot_reach_directives():
+    for bad in ('/r/a"b', "/r/a\nb"):
+        with pytest.raises(config.ConfigError, match="#SBATCH"):
+            submit.render_sbatch(_job(), [bad], f"{bad}/o", "/b/ndde")
+
+
+def test_hostile_paths_reach_the_program_verbatim(tmp_path):
+    """Run the rendered script with bash (no Slurm): the fake ndde must receive the run
+    directory as one argument, and nothing in the path may execute."""
+    weird = tmp_path / "dir with space 'q' $(touch PWNED) `touch PWNED` ;touch PWNED"
+    weird.mkdir()
+    bindir = tmp_path / "bin $(touch PWNED)"
+    bindir.mkdir()
+    fake = bindir / "ndde"
+    fake.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$OUT"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    script = tmp_path / "job.sbatch"
+    script.write_text(submit.render_sbatch(_job(backend="dask"), [weird], tmp_path / "o", fake))
+    out = tmp_path / "args"
+    subprocess.run(["bash", str(script)], cwd=tmp_path, check=True, env={**os.environ, "OUT": str(out)},
+                   capture_output=True)
+    assert out.read_bytes().split(b"\0")[:-1] == [b"resume", str(weird).encode()]
+    assert not list(tmp_path.rglob("PWNED")) and not (pathlib.Path.cwd() / "PWNED").exists()
+
+
+def test_dry_run_prints_and_submits_nothing(tmp_path):
+    from tests.pipeline_helpers import ndde
+
+    out = ndde("submit", ROOT / "jobs" / "delayed_gradient.toml", "--run-dir", tmp_path / "r", "--dry-run",
+               "--backend", "mpi", "--ntasks-per-node", "2", "--time", "00:30:00").stdout
+    assert out.startswith("#!/bin/bash") and "#SBATCH --time=00:30:00" in out
+    assert (tmp_path / "r" / "job.sbatch").read_text() in out + "\n"
+    assert not (tmp_path / "r" / "slurm_job_id").exists()
+    assert "workers = 2" in (tmp_path / "r" / "job.toml").read_text()
