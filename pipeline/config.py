@@ -80,6 +80,7 @@ class BackendConfig:
     kind: str = _spec("local", choices=("local", "dask", "dask-slurm", "mpi"))
     workers: int = _spec(1, lo=1, doc="shards (dask workers, mpi ranks); local computes them in turn")
     scheduler: str = _spec("", doc="dask: tcp://host:port of an existing scheduler; empty: embedded cluster")
+    pin_cpus: bool = _spec(True, doc="without GPUs: give each worker/rank on a node its own block of cores")
 
 
 @dataclasses.dataclass(frozen=True)

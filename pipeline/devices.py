@@ -1,7 +1,10 @@
-"""One GPU per worker or rank: which device a process with a given local rank should see.
+"""One GPU per worker or rank: which device a process with a given local rank should see;
+without GPUs, a disjoint block of CPU cores per worker or rank.
 
 Pure functions of the environment so the assignment is tested on machines without GPUs;
-``pin`` applies it by setting CUDA_VISIBLE_DEVICES before JAX initialises its backend.
+``pin`` applies it by setting CUDA_VISIBLE_DEVICES before JAX initialises its backend, and
+``pin_cpus`` sets the CPU affinity of every thread of the process (XLA's CPU backend
+otherwise spreads each process over all cores, and co-located workers contend).
 """
 
 from __future__ import annotations
@@ -46,3 +49,28 @@ def pin(rank: int | None, env=None) -> str | None:
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     return gpu
+
+
+def cpus_for(rank: int, local_size: int, cpus: list[int]) -> list[int]:
+    """Disjoint, contiguous blocks of ``cpus`` for ``local_size`` workers on one node (one
+    core each, round robin, when workers outnumber cores)."""
+    if not 0 <= rank < local_size:
+        raise ValueError(f"local rank {rank} outside [0, {local_size})")
+    cpus = sorted(cpus)
+    if local_size >= len(cpus):
+        return [cpus[rank % len(cpus)]]
+    per = len(cpus) // local_size
+    return cpus[rank * per:(rank + 1) * per]
+
+
+def pin_cpus(rank: int | None, local_size: int) -> list[int] | None:
+    """Restrict every thread of this process to its block of cores (Linux); None: unchanged."""
+    if rank is None or local_size < 2 or not hasattr(os, "sched_setaffinity"):
+        return None
+    block = cpus_for(rank, local_size, sorted(os.sched_getaffinity(0)))
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), block)
+        except OSError:
+            pass
+    return block

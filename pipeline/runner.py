@@ -15,12 +15,15 @@ from .train import Trainer
 
 
 def _mpi_prepare(job):
-    from . import devices
-
-    devices.pin(devices.local_rank())
+    """Before any JAX computation: this rank's GPU or (no GPU) its block of the node's cores."""
     from mpi4py import MPI
 
+    from . import devices
+
     comm = MPI.COMM_WORLD
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    if devices.pin(node.Get_rank()) is None and job.backend.pin_cpus:
+        devices.pin_cpus(node.Get_rank(), node.Get_size())
     return job.replace("backend", kind="mpi", workers=comm.Get_size()), comm
 
 

@@ -36,3 +36,29 @@ def test_pin_sets_cuda_visible_devices_only_with_gpus():
     env = {"CUDA_VISIBLE_DEVICES": ""}
     assert devices.pin(0, env) is None and env["CUDA_VISIBLE_DEVICES"] == ""
     assert devices.pin(None, {}) is None
+
+
+def test_cpu_blocks_are_disjoint_and_cover():
+    assert devices.cpus_for(0, 2, [0, 1]) == [0] and devices.cpus_for(1, 2, [1, 0]) == [1]
+    blocks = [devices.cpus_for(r, 3, list(range(8))) for r in range(3)]
+    assert blocks == [[0, 1], [2, 3], [4, 5]]
+    assert [devices.cpus_for(r, 4, [0, 1]) for r in range(4)] == [[0], [1], [0], [1]]
+    with pytest.raises(ValueError, match="local rank 2"):
+        devices.cpus_for(2, 2, [0, 1])
+
+
+def test_pin_cpus_sets_the_affinity_of_every_thread():
+    import os
+    import subprocess
+    import sys
+
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two cores")
+    code = ("import os, threading, time; from pipeline import devices\n"
+            "t = threading.Thread(target=time.sleep, args=(2,)); t.start()\n"
+            "print(devices.pin_cpus(1, 2)); print(sorted({tuple(sorted(os.sched_getaffinity(int(x))))"
+            " for x in os.listdir('/proc/self/task')}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    block = eval(out[0])
+    assert len(block) >= 1 and eval(out[1]) == [tuple(block)]
+    assert devices.pin_cpus(None, 2) is None and devices.pin_cpus(0, 1) is None

@@ -184,3 +184,14 @@ def test_gradcheck_methods_agree_with_finite_differences(shared):
 @pytest.mark.parametrize("command", ["train", "resume", "data", "report", "inspect", "gradcheck"])
 def test_help(command):
     assert "usage: ndde " + command in ndde(command, "--help").stdout
+
+
+@pytest.mark.slow
+def test_dask_with_an_existing_scheduler(shared, tmp_path):
+    from distributed import LocalCluster
+
+    tmp, job, ref = shared
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        ndde("train", job, "--run-dir", tmp_path / "run", "--backend", "dask", "--scheduler", cluster.scheduler_address)
+    assert_same_bits(_ckpt(tmp_path / "run", STEPS), ref / "step_00000012.h5")

@@ -11,14 +11,28 @@ import signal
 from . import reduce_in_order
 
 
+_PINNED = []
+
+
+def _pin_once(index, shards, config_text):
+    """Before this worker's first JAX computation: its GPU, or (no GPU) its block of cores."""
+    from .. import devices
+    from ..config import from_toml_text
+
+    if _PINNED:
+        return
+    _PINNED.append(index)
+    if devices.pin(index) is None and from_toml_text(config_text).backend.pin_cpus:
+        devices.pin_cpus(index, shards)
+
+
 def _shard_task(config_text, data_path, shard, shards, flat_theta, step):
     from distributed import get_worker
 
-    from .. import devices
     from ..shard import worker_for
 
     name = get_worker().name
-    devices.pin(int(name) if str(name).isdigit() else None)
+    _pin_once(int(name) if str(name).isdigit() else None, shards, config_text)
     kill = os.environ.get("NDDE_TEST_KILL_WORKER", "")  # "STEP:MARKER" fault injection: die once
     if kill and shard == shards - 1:
         kill_step, marker = kill.split(":", 1)

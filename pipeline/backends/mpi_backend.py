@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import devices
 from . import Reduced
 
 
 class MpiBackend:
     def __init__(self, config_text: str, data_path: str):
-        devices.pin(devices.local_rank())
         from mpi4py import MPI
 
         from ..shard import worker_for
