@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from typing import NamedTuple
 
 import jax
@@ -84,6 +85,9 @@ class ShardWorker:
                                f"shard {self.shard}: {first}")
         if os.environ.get("NDDE_TEST_NAN_AT_STEP") == str(step):  # fault injection for the NaN tests
             grad = grad * np.nan
+        pause = os.environ.get("NDDE_TEST_PAUSE_AT_STEP", "")  # "STEP:SECONDS": a window to kill a step in
+        if pause and pause.split(":")[0] == str(step):
+            time.sleep(float(pause.split(":")[1]))
         return ShardResult(self.shard, loss, grad, int(stats["steps"]), int(stats["rejected"]),
                            int(stats["rhs_evals"]), "")
 

@@ -118,13 +118,15 @@ def test_dask_jobqueue_workers_are_slurm_jobs(slurm, tmp_path):
     assert len(workers) >= 2, "expected two dask workers submitted as Slurm jobs"
 
 
-def test_sweep_submits_one_array(slurm, tmp_path):
+def test_sweep_submits_one_array_of_dask_jobs(slurm, tmp_path):
+    """Each array task trains with the dask backend: a LocalCluster inside its allocation."""
     job = tiny_job(tmp_path, steps=3, every=3)
     job_id = ndde("sweep", job, "--grid", "optimizer.learning_rate=0.01,0.03", "--sweep-dir", tmp_path / "sw",
-                  "--backend", "mpi").stdout.strip().splitlines()[-1]
+                  "--backend", "dask").stdout.strip().splitlines()[-1]
     wait_done(job_id)
     lrs = []
     for point in ("point-000", "point-001"):
         with h5py.File(_final(tmp_path / "sw" / point, 3)) as f:
             lrs.append(float(f.attrs["config"].split("learning_rate = ")[1].split()[0]))
+            assert f.attrs["backend"] == "dask" and f.attrs["slurm_job_id"] > 0
     assert lrs == [0.01, 0.03]

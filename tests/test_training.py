@@ -72,9 +72,9 @@ def _wait_for(predicate, proc, timeout=300):
 def test_sigkill_during_a_step_then_resume_is_bit_identical(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
-    proc = _start(job, run)
+    proc = _start(job, run, env={"NDDE_TEST_PAUSE_AT_STEP": "5:60"})  # step 5 computes, then sleeps
     _wait_for(lambda: _ckpt(run, 4).exists(), proc)
-    time.sleep(random.uniform(0.0, 0.05))
+    time.sleep(random.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not _ckpt(run, STEPS).exists()
@@ -195,3 +195,23 @@ def test_dask_with_an_existing_scheduler(shared, tmp_path):
                       dashboard_address=None) as cluster:
         ndde("train", job, "--run-dir", tmp_path / "run", "--backend", "dask", "--scheduler", cluster.scheduler_address)
     assert_same_bits(_ckpt(tmp_path / "run", STEPS), ref / "step_00000012.h5")
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_75(shared, tmp_path):
+    tmp, job, ref = shared
+    run = tmp_path / "run"
+    proc = _start(job, run)
+    _wait_for(lambda: _ckpt(run, 2).exists(), proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 75
+    assert "SIGTERM received: checkpointed step" in proc.stderr.read().decode()
+    newest = max(int(p.name[5:13]) for p in (run / "checkpoints").glob("step_*.h5"))
+    assert 2 <= newest < STEPS
+    ndde("resume", run)
+    assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
+
+
+def test_progress_bar_is_quiet_without_a_tty(shared, tmp_path):
+    tmp, job, ref = shared
+    result = ndde("train", job, "--run-dir", tmp_path / "run", "--steps", "2")
+    assert "step/s" not in result.stderr and "it/s" not in result.stderr

@@ -22,6 +22,26 @@ class Reduced(NamedTuple):
     errors: list
 
 
+class DriverBackend:
+    """A backend whose training loop runs in one process (local, dask): it is the root, and
+    collective helpers are identities."""
+
+    is_root = True
+    rank = 0
+
+    def barrier(self):
+        pass
+
+    def broadcast(self, value):
+        return value
+
+    def agree(self, value):
+        return value
+
+    def close(self):
+        pass
+
+
 def reduce_in_order(results) -> Reduced:
     """Sum shard results in shard order (a fixed order: the same bits on every backend)."""
     results = sorted(results, key=lambda r: r.shard)

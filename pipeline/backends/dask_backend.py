@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import signal
 
-from . import reduce_in_order
+from . import DriverBackend, reduce_in_order
 
 
 _PINNED = []
@@ -70,10 +70,7 @@ def _dask_memory(mem: str) -> str:
     return mem + "MB" if mem.isdigit() else mem + "B"
 
 
-class DaskBackend:
-    is_root = True
-    rank = 0
-
+class DaskBackend(DriverBackend):
     def __init__(self, config_text: str, data_path: str, workers: int, scheduler: str = "", on_slurm=False):
         from distributed import Client, LocalCluster
 
@@ -105,15 +102,6 @@ class DaskBackend:
                 key=f"ndde-shard-{step}-{w}-{id(self)}", pure=False,
                 workers=[worker] if worker else None, allow_other_workers=True))
         return reduce_in_order(self.client.gather(futures))
-
-    def barrier(self):
-        pass
-
-    def broadcast(self, value):
-        return value
-
-    def agree(self, value):
-        return value
 
     def close(self):
         self.client.close()

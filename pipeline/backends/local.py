@@ -3,28 +3,13 @@
 from __future__ import annotations
 
 from ..shard import worker_for
-from . import reduce_in_order
+from . import DriverBackend, reduce_in_order
 
 
-class LocalBackend:
-    is_root = True
-    rank = 0
-
+class LocalBackend(DriverBackend):
     def __init__(self, config_text: str, data_path: str, shards: int):
         self.shards = shards
         self.workers = [worker_for(config_text, data_path, w, shards) for w in range(shards)]
 
     def step(self, flat_theta, step: int):
         return reduce_in_order([w.compute(flat_theta, step) for w in self.workers])
-
-    def barrier(self):
-        pass
-
-    def broadcast(self, value):
-        return value
-
-    def agree(self, value):
-        return value
-
-    def close(self):
-        pass
