@@ -149,12 +149,14 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             # piece before the breakpoint (the step that ends there), not x at the moving point.
             slope = sum(q * step.coeffs[q] for q in range(1, step.coeffs.shape[0])) / h
             y_save = y1 + (saveat[j] - t_next) * slope
-            ys = st.ys.at[j].set(jnp.where(hit, y_save, st.ys[j]))
+            # ys is a write-only buffer of the checkpointed loop (not copied into every checkpoint).
+            ys = eqxi.buffer_at_set(st.ys, j, y_save, pred=hit)
             save_idx = st.save_idx + hit.astype(jnp.int32)
         elif kind == "lax":
             ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
         else:
-            ys, save_idx = _save_interpolated_masked(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
+            ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs,
+                                              kind="checkpointed")
         probes = st.probes
         if probe_times is not None:
             on_probe = accept & (probe_times == t_next)
@@ -194,13 +196,14 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
 
     if kind == "lax":
         return lax.while_loop(cond, body, state)
-    return eqxi.while_loop(cond, body, state, kind="checkpointed", max_steps=cfg.max_steps,
-                           checkpoints=checkpoints)
+    return eqxi.while_loop(cond, body, state, kind="checkpointed", max_steps=cfg.max_steps, checkpoints=checkpoints,
+                           buffers=lambda st: st.ys)
 
 
 
-def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs):
-    """Write the dense output at every save time in (t_a, t_b] of an accepted step."""
+def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs, kind="lax"):
+    """Write the dense output at every save time in (t_a, t_b] of an accepted step (an inner
+    loop; checkpointed, writing into the outer loop's buffer, under Backprop)."""
     n_save = saveat.shape[0]
 
     def pending(c):
@@ -210,16 +213,11 @@ def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs):
     def write(c):
         i, ys = c
         theta = (saveat[i] - t_a) / (t_b - t_a)
-        return i + 1, ys.at[i].set(_history.horner(coeffs, theta))
+        return i + 1, eqxi.buffer_at_set(ys, i, _history.horner(coeffs, theta))
 
-    save_idx, ys = lax.while_loop(pending, write, (save_idx, ys))
+    if kind == "lax":
+        save_idx, ys = lax.while_loop(pending, write, (save_idx, ys))
+    else:
+        save_idx, ys = eqxi.while_loop(pending, write, (save_idx, ys), kind="checkpointed", max_steps=n_save,
+                                       buffers=lambda c: c[1])
     return ys, save_idx
-
-
-def _save_interpolated_masked(ys, save_idx, saveat, accept, t_a, t_b, coeffs):
-    """Reverse-differentiable variant of _save_interpolated: O(len(saveat)) per step."""
-    inside = accept & (saveat > t_a) & (saveat <= t_b)
-    theta = jnp.clip((saveat - t_a) / (t_b - t_a), 0.0, 1.0)
-    values = jax.vmap(lambda th: _history.horner(coeffs, th))(theta)
-    mask = jnp.reshape(inside, inside.shape + (1,) * (ys.ndim - 1))
-    return jnp.where(mask, values, ys), save_idx + jnp.sum(inside).astype(save_idx.dtype)
