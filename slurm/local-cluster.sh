@@ -95,7 +95,7 @@ start() {
 stop() {
     for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid" /run/munge/munged.pid; do
         if alive "$pidfile"; then
-            kill "$(cat "$pidfile")"
+            kill "$(cat "$pidfile" 2>/dev/null)" 2>/dev/null || true
             for _ in $(seq 1 50); do alive "$pidfile" || break; sleep 0.1; done
         fi
     done

@@ -89,6 +89,9 @@ class DaskBackend(DriverBackend):
 
     def _worker_of(self, shard: int):
         info = self.client.scheduler_info(n_workers=-1)["workers"]
+        if not info:  # every worker is restarting: wait for one rather than fail the step
+            self.client.wait_for_workers(1, timeout=300)
+            info = self.client.scheduler_info(n_workers=-1)["workers"]
         by_name = {str(w["name"]): addr for addr, w in info.items()}
         addrs = sorted(info)
         return by_name.get(str(shard)) or (addrs[shard % len(addrs)] if addrs else None)
@@ -97,10 +100,12 @@ class DaskBackend(DriverBackend):
         futures = []
         for w in range(self.shards):
             worker = self._worker_of(w)
+            # Prefer shard w's worker (its rows and compiled step are cached there); when the
+            # scheduler's view lists no such worker (one restarting), any worker will do.
+            where = {"workers": [worker], "allow_other_workers": True} if worker else {}
             futures.append(self.client.submit(
                 _shard_task, self.config_text, self.data_path, w, self.shards, flat_theta, step,
-                key=f"ndde-shard-{step}-{w}-{id(self)}", pure=False,
-                workers=[worker] if worker else None, allow_other_workers=True))
+                key=f"ndde-shard-{step}-{w}-{id(self)}", pure=False, **where))
         return reduce_in_order(self.client.gather(futures))
 
     def close(self):
