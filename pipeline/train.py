@@ -90,14 +90,14 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def check_resumable(job, attrs: dict, path, data_path) -> None:
+def check_resumable(job, attrs: dict, path, data_path, data_sha256) -> None:
     """Refuse (ResumeError, listing every difference) when the job's model, data, batch
     drawing or the data file's contents differ from the checkpoint at ``path``."""
     old = config_mod.from_toml_text(attrs["config"])
     diffs = config_mod.differences(old, job, LOCKED_SECTIONS)
     diffs += [f"{s}.{k}: {getattr(getattr(old, s), k)!r} -> {getattr(getattr(job, s), k)!r}"
               for s, k in LOCKED_KEYS if getattr(getattr(old, s), k) != getattr(getattr(job, s), k)]
-    if attrs.get("data_sha256") not in (None, digest(data_path)):
+    if attrs.get("data_sha256") not in (None, data_sha256):
         diffs.append(f"the contents of {data_path} changed since {pathlib.Path(path).name}")
     if diffs:
         raise ResumeError(f"refusing to resume from {path}: the job differs from the checkpoint's "
@@ -128,7 +128,7 @@ class Trainer:
         if step is None:
             return None
         path = self.manager.path(step)
-        check_resumable(self.job, read_attrs(path), path, self.data_path)
+        check_resumable(self.job, read_attrs(path), path, self.data_path, self.attrs["data_sha256"])
         return self.manager.restore(step, self.theta0, self.opt.init(self.theta0))
 
     def _save(self, step, theta, opt_state, metrics):
