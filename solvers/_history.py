@@ -56,6 +56,21 @@ def push(hist: History, t_a, t_b, coeffs, oldest_needed, write):
     return new, ok
 
 
+def extend(hist: History, later: History, t_from, t_to, oldest_needed):
+    """Append the steps of ``later`` that start in [t_from, t_to), in order (``hist`` must end
+    at t_from). Returns (history, ok) as ``push``."""
+    cap = later.t_start.shape[0]
+
+    def body(k, carry):
+        out, ok = carry
+        slot = (later.first + k) % cap
+        t_a = later.t_start[slot]
+        out, ok_k = push(out, t_a, later.t_end[slot], later.coeffs[slot], oldest_needed, (t_a >= t_from) & (t_a < t_to))
+        return out, ok & ok_k
+
+    return lax.fori_loop(0, later.count, body, (hist, jnp.asarray(True)))
+
+
 def horner(coeffs, theta):
     """y0 + Σ_p coeffs[p] θ^p for coeffs of shape (degree + 1, *shape)."""
     acc = coeffs[-1]

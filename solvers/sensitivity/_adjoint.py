@@ -282,33 +282,37 @@ def _jump_terms(prob, p, lam_probe, fwd_probes, taus, t0, y0, f):
 
 def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, sweep, y0, taus):
     """Backward over the segments in reverse; each segment's forward solution is re-solved from
-    its checkpoint (for a DDE on to c_{i+1} + max τ, where the advanced terms read it)."""
+    its checkpoint to the next one. For a DDE the advanced terms also read x on (c_{i+1},
+    c_{i+1} + max τ]: those steps are carried over from the later segment's buffer (the same
+    steps the forward took), not re-solved."""
     is_dde = taus is not None
     built = build(prob, p, saveat, opts, keep_all=not is_dde, extra_stops=checkpoint_times[1:-1])
     cfg = opts.loop_config()
-    T = checkpoint_times[-1]
     max_tau = jnp.max(taus) if is_dde else jnp.zeros((), y0.dtype)
     n_seg = checkpoint_times.shape[0] - 1
 
-    def resolve(i, ck):
+    def resolve(i, ck, later):
         c_i, c_next = checkpoint_times[i], checkpoint_times[i + 1]
         rhs = built.rhs._replace(keep_from=c_i - max_tau) if is_dde else built.rhs
         if not is_dde:
             ck = ck._replace(hist=_history.empty(opts.history_size, opts.tableau.degree, y0))
-        t_end = jnp.minimum(c_next + max_tau, T)
-        fin = _forward.run(cfg, rhs, ck, t_end, saveat, built.stops, built.stop_is_bp, built.rtol, built.atol,
+        fin = _forward.run(cfg, rhs, ck, c_next, saveat, built.stops, built.stop_is_bp, built.rtol, built.atol,
                            opts.dt0)
-        return _Forward(prob, built.t0, fin.hist, y0), fin.status
+        hist, status = fin.hist, fin.status
+        if later is not None:
+            hist, ok = _history.extend(hist, later, c_next, c_next + max_tau, c_i - max_tau)
+            status = jnp.where(ok | (status != _forward.OK), status, _forward.HISTORY_FULL)
+        return hist, status
 
     def segment(carry, i):
-        state_b, status = carry
+        state_b, later, status = carry
         ck = jax.tree_util.tree_map(lambda a: a[i], checkpoints)
-        fwd, st = resolve(i, ck)
-        state_b = sweep(state_b, fwd, -checkpoint_times[i])
-        return (state_b, jnp.maximum(status, st)), None
+        hist, st = resolve(i, ck, later if is_dde else None)
+        state_b = sweep(state_b, _Forward(prob, built.t0, hist, y0), -checkpoint_times[i])
+        return (state_b, hist, jnp.maximum(status, st)), None
 
     last = n_seg - 1
-    fwd, status = resolve(last, jax.tree_util.tree_map(lambda a: a[last], checkpoints))
-    state_b = sweep(None, fwd, -checkpoint_times[last])
-    (state_b, status), _ = jax.lax.scan(segment, (state_b, status), jnp.arange(last - 1, -1, -1))
+    hist, status = resolve(last, jax.tree_util.tree_map(lambda a: a[last], checkpoints), None)
+    state_b = sweep(None, _Forward(prob, built.t0, hist, y0), -checkpoint_times[last])
+    (state_b, _, status), _ = jax.lax.scan(segment, (state_b, hist, status), jnp.arange(last - 1, -1, -1))
     return state_b._replace(status=jnp.where(status != _forward.OK, status, state_b.status))
