@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import types
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from .. import _forward, _history
+from . import _closure
 from .._breakpoints import breakpoint_times, stop_times
 from .._problem import DDEProblem, GradientField
 from .._setup import build, delays_of, initial_state, lagged_values, unified_rhs
@@ -38,9 +40,11 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     from .._solve import check_status, stats_of
 
     is_dde = isinstance(prob, DDEProblem)
-    checkpoint_times = _checkpoint_times(prob, p, sens) if isinstance(sens, InterpolatingAdjoint) else None
+    arrays, static = _closure.split(prob)  # the problem's own arrays travel as explicit inputs
+    interpolating = isinstance(sens, InterpolatingAdjoint)
 
-    def forward(p, saveat):
+    def forward(prob, p, saveat):
+        checkpoint_times = _checkpoint_times(prob, p, sens) if interpolating else None
         keep_all = isinstance(sens, QuadratureAdjoint)
         built = build(prob, p, saveat, opts, keep_all=keep_all,
                       extra_stops=None if checkpoint_times is None else checkpoint_times[1:-1])
@@ -65,23 +69,33 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         return (ys, stats_of(final)), (residual, final.probes)
 
     @jax.custom_vjp
-    def solve_adj(p, saveat):  # not differentiated: the plain forward solve, no checkpoint stops
+    def solve_adj(p, saveat, arrays):  # not differentiated: the plain forward solve, no checkpoint stops
         from .._solve import forward_solve
 
-        final, _ = forward_solve(prob, p, saveat, opts)
+        final, _ = forward_solve(eqx.combine(arrays, static), p, saveat, opts)
         return check_status(final.ys, final.status, opts), stats_of(final)
 
-    def fwd(p, saveat):
-        out, residual = forward(p, saveat)
-        return out, (p, saveat, out[0], residual)
+    def fwd(p, saveat, arrays):
+        p, saveat = _closure.values(p), _closure.values(saveat)
+        diff, const = _closure.by_perturbation(arrays, static)
+        out, residual = forward(_closure.rebuild(diff, const, static), p, saveat)
+        return out, (p, saveat, diff, const, residual)
 
     def bwd(res, ct):
-        p, saveat, ys, (residual, fwd_probes) = res
-        grad = _backward(prob, p, saveat, ct[0], residual, fwd_probes, opts, sens, is_dde, checkpoint_times)
-        return grad, jnp.zeros_like(saveat)
+        p, saveat, diff, const, (residual, fwd_probes) = res
+        lift = _closure.has_diff(diff)
+        if lift:  # gradients for the problem's differentiated arrays too: parameters (p, diff)
+            prob_b, p_b = _closure.lifted(diff, const, static), (p, diff)
+        else:
+            prob_b, p_b = _closure.rebuild(diff, const, static), p
+        checkpoint_times = _checkpoint_times(prob_b, p_b, sens) if interpolating else None
+        grad = _backward(prob_b, p_b, saveat, _closure.instantiate(ct[0]), residual, fwd_probes, opts, sens,
+                         is_dde, checkpoint_times)
+        grad_p, grad_diff = grad if lift else (grad, diff)
+        return grad_p, jnp.zeros_like(saveat), eqx.combine(grad_diff, _closure.zero_cotangents(const))
 
-    solve_adj.defvjp(fwd, bwd)
-    return solve_adj(p, saveat)
+    solve_adj.defvjp(fwd, bwd, symbolic_zeros=True)
+    return solve_adj(p, saveat, arrays)
 
 
 def _checkpoint_times(prob, p, sens):

@@ -7,31 +7,40 @@ and its backward pass contracts it with the cotangent. Cost grows with the size 
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+
+from . import _closure
 
 
 def forward_mode_solve(prob, p, saveat, opts):
     from .._solve import check_status, forward_solve, stats_of
 
-    def outputs(p, saveat):
+    arrays, static = _closure.split(prob)  # the problem's own arrays travel as explicit inputs
+
+    def outputs(prob, p, saveat):
         final, _ = forward_solve(prob, p, saveat, opts)
         return check_status(final.ys, final.status, opts), stats_of(final)
 
     @jax.custom_vjp
-    def solve_fm(p, saveat):
-        return outputs(p, saveat)
+    def solve_fm(p, saveat, arrays):
+        return outputs(eqx.combine(arrays, static), p, saveat)
 
-    def fwd(p, saveat):
-        # one batched jvp pass yields the Jacobian and (as aux) the primal outputs
-        jac, out = jax.jacfwd(lambda q: (lambda o: (o[0], o))(outputs(q, saveat)), has_aux=True)(p)
-        return out, (jac, saveat)
+    def fwd(p, saveat, arrays):
+        p, saveat = _closure.values(p), _closure.values(saveat)
+        diff, const = _closure.by_perturbation(arrays, static)
+        # one batched jvp pass over (p, the problem's differentiated arrays) yields the Jacobian
+        # and (as aux) the primal outputs
+        solve = lambda P: outputs(_closure.rebuild(P[1], const, static), P[0], saveat)
+        jac, out = jax.jacfwd(lambda P: (lambda o: (o[0], o))(solve(P)), has_aux=True)((p, diff))
+        return out, (jac, saveat, const)
 
     def bwd(res, ct):
-        jac, saveat = res
-        ct_ys = ct[0]
-        grad = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim), jac)
-        return grad, jnp.zeros_like(saveat)
+        jac, saveat, const = res
+        ct_ys = _closure.instantiate(ct[0])
+        grad_p, grad_diff = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim), jac)
+        return grad_p, jnp.zeros_like(saveat), eqx.combine(grad_diff, _closure.zero_cotangents(const))
 
-    solve_fm.defvjp(fwd, bwd)
-    return solve_fm(p, saveat)
+    solve_fm.defvjp(fwd, bwd, symbolic_zeros=True)
+    return solve_fm(p, saveat, arrays)

@@ -1,0 +1,77 @@
+"""Arrays held by the problem itself (an x0 array, a vmapped initial state, arrays inside an
+equinox-module rhs) are explicit inputs of the sensitivities' custom_vjp, never closed over:
+a closed-over tracer of vmap or grad would leak out of the backward pass.
+
+Those being differentiated (e.g. ``jax.grad`` with respect to an x0 array) are lifted into
+the parameters: the backward pass then sees a problem whose parameters are (p, diff) and
+returns their gradients exactly as for p.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero, custom_vjp_primal_tree_values
+
+from .._problem import DDEProblem, ODEProblem
+
+
+def split(prob):
+    """(arrays, static): the problem's array leaves (explicit custom_vjp inputs) and the rest."""
+    return eqx.partition(prob, eqx.is_array)
+
+
+def by_perturbation(arrays, static):
+    """In a ``symbolic_zeros`` forward rule: (diff, const), the array leaves being differentiated
+    and the others (None in place of the leaves of the other tree)."""
+    prob = eqx.combine(arrays, static)
+    for name in ("t0", "t1"):
+        value = getattr(prob, name)
+        if isinstance(value, CustomVJPPrimal) and value.perturbed:
+            raise ValueError(f"ndde: differentiating with respect to the problem's {name} is not supported "
+                             "by ForwardMode or the continuous adjoints; use sensitivity=Backprop()")
+    is_primal = lambda x: isinstance(x, CustomVJPPrimal)
+    diff = jax.tree_util.tree_map(lambda c: c.value if c.perturbed else None, arrays, is_leaf=is_primal)
+    const = jax.tree_util.tree_map(lambda c: None if c.perturbed else c.value, arrays, is_leaf=is_primal)
+    return diff, const
+
+
+def values(tree):
+    """Strip the perturbation records of a ``symbolic_zeros`` forward rule's argument."""
+    return custom_vjp_primal_tree_values(tree)
+
+
+def instantiate(ct):
+    """A cotangent that may be a symbolic zero, as an array."""
+    return jnp.zeros(ct.shape, ct.dtype) if isinstance(ct, SymbolicZero) else ct
+
+
+def has_diff(diff) -> bool:
+    return bool(jax.tree_util.tree_leaves(diff))
+
+
+def rebuild(diff, const, static):
+    return eqx.combine(diff, const, static)
+
+
+def lifted(diff, const, static):
+    """The same problem with parameters P = (p, diff): every function reads diff from P."""
+    full = lambda P: rebuild(P[1], const, static)
+    prob = rebuild(diff, const, static)
+    if isinstance(prob, ODEProblem):
+        return ODEProblem(lambda t, x, P: full(P).rhs(t, x, P[0]), lambda P: full(P).initial_state(P[0]),
+                          prob.t0, prob.t1)
+    x0 = None if prob.x0 is None else (lambda P: full(P).initial_state(P[0]))
+    return DDEProblem(lambda t, x, lag, P: full(P).rhs(t, x, lag, P[0]), lambda t, P: full(P).history(t, P[0]),
+                      lambda P: full(P).delays(P[0]), prob.t0, prob.t1, x0)
+
+
+def zero_cotangents(tree):
+    """Zero cotangents of the same structure (float0 for integer arrays)."""
+    def zero(a):
+        if isinstance(a, SymbolicZero) or jnp.issubdtype(a.dtype, jnp.inexact):
+            return jnp.zeros_like(a)
+        return np.zeros(a.shape, jax.dtypes.float0)
+    return jax.tree_util.tree_map(zero, tree)
