@@ -55,7 +55,8 @@ def hnn_rows(B=256):
     g_ref = ref_fn(params)
     t_ref = median_time(ref_fn, params)
     rows = [("ndde forward (land_on_saveat=False)", t_fwd, 1.0, None)]
-    variants = [("Backprop", sv.Backprop(), rhs), ("ForwardMode", sv.ForwardMode(), rhs)]
+    variants = [("Backprop", sv.Backprop(), rhs), ("ForwardMode", sv.ForwardMode(), rhs),
+                ("Backprop, I controller (diffrax's default form)", sv.Backprop(), rhs)]
     for vjp in ("forward-over-reverse", "reverse-over-reverse"):
         field = sv.GradientField(lambda x, p: jnp.sum(mlp(p, x)), J, adjoint_vjp=vjp)
         for name, sens in (("BacksolveAdjoint", sv.BacksolveAdjoint()), ("InterpolatingAdjoint", sv.InterpolatingAdjoint()),
@@ -67,7 +68,9 @@ def hnn_rows(B=256):
             n_params = ravel_pytree(params)[0].size
             rows.append((f"{name}: not timed (one jvp per parameter: {n_params} here)", None, None, None))
             continue
-        fn = jax.jit(jax.grad(lambda p, prob=prob, sens=sens: loss(sv.solve(prob, p, sensitivity=sens, **kw).ys)))
+        extra = {"controller": sv.PIController(beta_scale=0.0)} if "I controller" in name else {}
+        fn = jax.jit(jax.grad(lambda p, prob=prob, sens=sens, extra=extra: loss(
+            sv.solve(prob, p, sensitivity=sens, **kw, **extra).ys)))
         g = fn(params)
         t = median_time(fn, params, repeats=5)
         rows.append((f"ndde {name}", t, t / t_fwd, _rel(g, g_ref)))
@@ -76,6 +79,25 @@ def hnn_rows(B=256):
     g_b = back_fn(params)
     rows.append(("diffrax BacksolveAdjoint", median_time(back_fn, params, repeats=3), None, _rel(g_b, g_ref)))
     return rows, t_ref
+
+
+def vmap_rows(B=256):
+    """Each method under vmap over B single trajectories (a step size each) vs the same B as
+    one batched system: time per call and the ratio."""
+    H, J, rhs, params, x0 = hnn_setup(B)
+    ts = jnp.linspace(0.0, 10.0, 50)
+    kw = dict(saveat=ts, rtol=1e-6, atol=1e-8, land_on_saveat=False)
+    field = sv.GradientField(lambda x, p: jnp.sum(mlp(p, x)), J)
+    rows = []
+    for name, sens, f in (("Backprop", sv.Backprop(), rhs), ("BacksolveAdjoint", sv.BacksolveAdjoint(), field),
+                          ("InterpolatingAdjoint", sv.InterpolatingAdjoint(), field),
+                          ("QuadratureAdjoint", sv.QuadratureAdjoint(), field)):
+        one = lambda p, x, f=f, sens=sens: sv.solve(sv.ODEProblem(f, x, 0.0, 10.0), p, sensitivity=sens, **kw).ys
+        batched = jax.jit(jax.grad(lambda p, one=one: jnp.mean(one(p, x0) ** 2)))
+        vmapped = jax.jit(jax.grad(lambda p, one=one: jnp.mean(jax.vmap(one, in_axes=(None, 0))(p, x0) ** 2)))
+        t_b, t_v = median_time(batched, params, repeats=3), median_time(vmapped, params, repeats=3)
+        rows.append((name, t_b, t_v))
+    return rows
 
 
 def ndde_rows(B=256):
@@ -141,12 +163,16 @@ def main():
     RESULTS.mkdir(exist_ok=True)
     hnn, t_ref = hnn_rows()
     best = min(t for n, t, r, d in hnn if n.startswith("ndde ") and "forward" not in n and t is not None)
+    vm = vmap_rows()
     dde = ndde_rows()
     mem = memory_rows()
     _plot(mem)
     text = ["## HNN gradient (B = 256, float64; reference: diffrax RecursiveCheckpointAdjoint)", _fmt(hnn),
             f"\nbest ndde method / diffrax RecursiveCheckpointAdjoint = {best / t_ref:.2f}\n",
-            "## Neural DDE gradient (B = 256, float64; reference: ndde Backprop)", _fmt(dde),
+            "## HNN gradient under vmap (256 single trajectories) vs one batched system of 256",
+            "| method | batched system (s) | vmap (s) | vmap / batched |", "|---|---|---|---|"]
+    text += [f"| {n} | {tb:.4f} | {tv:.4f} | {tv / tb:.2f} |" for n, tb, tv in vm]
+    text += ["", "## Neural DDE gradient (B = 256, float64; reference: ndde Backprop)", _fmt(dde),
             "\n## Peak temporary memory of the compiled gradient (neural DDE, B = 64)",
             "| method | T | max_steps | MiB |", "|---|---|---|---|"]
     text += [f"| {n} | {T:g} | {ms} | {mb:.1f} |" for n, T, ms, mb in mem]

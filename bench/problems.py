@@ -41,9 +41,10 @@ def ndde_setup(B=256, dtype=jnp.float64, seed=1):
     return rhs, params, x_hist
 
 
-def rk4_method_of_steps(rhs, params, x_hist, tau, T, n_per_tau, saveat_every=None):
+def rk4_method_of_steps(rhs, params, x_hist, tau, T, n_per_tau, saveat_every=None, remat=False):
     """A plain fixed-step RK4 method-of-steps loop (lax.scan): step h = tau / n_per_tau, lagged
-    stage values from the stored grid (c = 0, 1) and cubic Hermite at half steps (c = 1/2)."""
+    stage values from the stored grid (c = 0, 1) and cubic Hermite at half steps (c = 1/2).
+    remat: recompute each step in the backward pass (jax.checkpoint) instead of storing it."""
     h = tau / n_per_tau
     n = int(round(T / h))
     lag_idx = n_per_tau  # grid index offset of tau
@@ -76,5 +77,5 @@ def rk4_method_of_steps(rhs, params, x_hist, tau, T, n_per_tau, saveat_every=Non
         xs = xs.at[i + 1].set(y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4))
         return (xs, fs), None
 
-    (xs, fs), _ = jax.lax.scan(body, (xs, fs), jnp.arange(n))
+    (xs, fs), _ = jax.lax.scan(jax.checkpoint(body) if remat else body, (xs, fs), jnp.arange(n))
     return xs
