@@ -32,7 +32,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import solvers as sv  # noqa: E402
 from problems import ndde_setup, rk4_method_of_steps  # noqa: E402
-from timing import median_time, versions  # noqa: E402
+from timing import median_time, write_results  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 TS = np.linspace(0.5, 10.0, 20)
@@ -154,10 +154,7 @@ def main():
     for name, time_s, _, d in rows:
         lines.append(f"| {name} | {'' if time_s is None else f'{time_s:.4f}'} | {'' if d is None else f'{d:.1e}'} |")
     lines += [""] + [f"* {r}" for r in ratios]
-    lines.append("\n" + ", ".join(f"{k} {v}" for k, v in versions().items()))
-    out = "\n".join(lines) + "\n"
-    print(out)
-    (RESULTS / "dde.md").write_text(out)
+    write_results(RESULTS / "dde.md", lines)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import solvers as sv  # noqa: E402
 from problems import hnn_setup, mlp, ndde_setup  # noqa: E402
-from timing import median_time, versions  # noqa: E402
+from timing import median_time, write_results  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -176,10 +176,7 @@ def main():
             "\n## Peak temporary memory of the compiled gradient (neural DDE, B = 64)",
             "| method | T | max_steps | MiB |", "|---|---|---|---|"]
     text += [f"| {n} | {T:g} | {ms} | {mb:.1f} |" for n, T, ms, mb in mem]
-    text.append("\n" + ", ".join(f"{k} {v}" for k, v in versions().items()))
-    out = "\n".join(text) + "\n"
-    print(out)
-    (RESULTS / "grad.md").write_text(out)
+    write_results(RESULTS / "grad.md", text)
 
 
 if __name__ == "__main__":

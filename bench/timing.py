@@ -36,3 +36,10 @@ def _installed(name):
         return True
     except md.PackageNotFoundError:
         return False
+
+
+def write_results(path, lines):
+    """Print the report lines followed by the versions line, and write them to ``path``."""
+    out = "\n".join(list(lines) + ["\n" + ", ".join(f"{k} {v}" for k, v in versions().items())]) + "\n"
+    print(out)
+    path.write_text(out)
