@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import pathlib
+import uuid
 
 import h5py
 import jax
@@ -88,15 +89,20 @@ def generate(job: JobConfig, path=None) -> pathlib.Path:
     if d.noise > 0:
         ys = ys + d.noise * rng.standard_normal(ys.shape)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        f["ts"], f["ys"], f["x0"] = ts, ys, x0
-        if hist is not None:
-            f["history"] = hist
-        f.attrs.update({"format": "ndde-data", "version": 1, "system": d.system,
-                        "system_params": json.dumps(TRUE_PARAMS[d.system]), "rtol": GEN_RTOL,
-                        "atol": GEN_ATOL, "seed": d.seed, "noise": d.noise})
-    os.replace(tmp, path)
+    # A name of its own: several processes (the tasks of a sweep array) may generate the same
+    # file at once; each writes identical contents and the last atomic rename wins.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f["ts"], f["ys"], f["x0"] = ts, ys, x0
+            if hist is not None:
+                f["history"] = hist
+            f.attrs.update({"format": "ndde-data", "version": 1, "system": d.system,
+                            "system_params": json.dumps(TRUE_PARAMS[d.system]), "rtol": GEN_RTOL,
+                            "atol": GEN_ATOL, "seed": d.seed, "noise": d.noise})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

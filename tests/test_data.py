@@ -89,3 +89,14 @@ def test_read_rows_reads_only_its_block(tiny):
     with h5py.File(path) as f:
         np.testing.assert_array_equal(rows["ys"], f["ys"][2:5])
     assert rows["x0"].shape == (3, 2)
+
+
+def test_generation_alongside_another_writer_of_the_same_file(tmp_path):
+    """Two tasks of a sweep array generated the same data file at once: the second failed on
+    the first's HDF5 lock of a shared temporary name (CI). Each writer now has its own."""
+    job = config.load(tiny_job(tmp_path))
+    legacy_tmp = job.data_path.with_name(job.data_path.name + ".tmp")
+    with h5py.File(legacy_tmp, "w"):  # another process mid-write, holding its lock
+        path = data.generate(job)
+    assert data.validate(path, job) == {"n": 10, "n_times": 6}
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(path.name)) == [path.name, legacy_tmp.name]
