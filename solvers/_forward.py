@@ -63,6 +63,7 @@ class Rhs(NamedTuple):
     keep_from: Any = None  # never evict steps ending at or after this time (None: +inf)
     hist_dim: int | None = None  # store only y[:hist_dim] of a 1-D state in the history
     quadrature: Callable | None = None  # quadrature(t_a, t_b, coeffs) -> increment of LoopState.acc
+    n_state: int | None = None  # y[n_state:] is a pure integral of eval's output (see _step.rk_step)
 
 
 def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, hist0, acc0=None,
@@ -104,8 +105,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
     dtype = state.y.dtype
     n_save = saveat.shape[0]
     h_default = state.h if dt0 is None else lax.stop_gradient(jnp.asarray(dt0, dtype))
-    if impulses is not None and not cfg.land_on_saveat:
-        raise ValueError("impulses need land_on_saveat=True")
+    if (impulses is not None or rhs.n_state is not None) and not cfg.land_on_saveat:
+        raise ValueError("impulses and n_state need land_on_saveat=True")
 
     def cond(st):
         return (st.t < t1) & (st.status == OK)
@@ -118,10 +119,12 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         land = (stop - t) <= jnp.minimum(1.01 * h_try, rhs.cap)
         h = jnp.where(land, stop - t, h_try)
         t_next = jnp.where(land, stop, t + h)
-        step = rk_step(tab, lambda s, z: rhs.eval(st.hist, s, z, True), t, y, h, st.k1)
+        step = rk_step(tab, lambda s, z: rhs.eval(st.hist, s, z, True), t, y, h, st.k1, rhs.n_state)
         y1 = step.y1
         finite = jnp.all(jnp.isfinite(y1))
-        err = error_norm(step.err, y, y1, rtol, atol) if tab.adaptive else jnp.where(finite, 0.0, jnp.inf)
+        cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
+        err = (error_norm(step.err, cut(y), cut(y1), rtol, atol) if tab.adaptive
+               else jnp.where(finite, 0.0, jnp.inf))
         accept, h_new, prev_err = cfg.controller.adapt(h, h_default, err, st.last_rejected,
                                                        st.prev_err, tab.error_order or tab.order)
         accept = accept & finite
@@ -147,8 +150,11 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             # (saveat[j] - t_next) is zero, but not its derivative when t_next is a breakpoint that
             # moves with τ: the saved value then stays x at the fixed save time, taken from the
             # piece before the breakpoint (the step that ends there), not x at the moving point.
-            slope = sum(q * step.coeffs[q] for q in range(1, step.coeffs.shape[0])) / h
-            y_save = y1 + (saveat[j] - t_next) * slope
+            if rhs.n_state is None:
+                slope = sum(q * step.coeffs[q] for q in range(1, step.coeffs.shape[0])) / h
+                y_save = y1 + (saveat[j] - t_next) * slope
+            else:  # the adjoint's sweep (its save times never move with a parameter)
+                y_save = y1
             # ys is a write-only buffer of the checkpointed loop (not copied into every checkpoint).
             ys = eqxi.buffer_at_set(st.ys, j, y_save, pred=hit)
             save_idx = st.save_idx + hit.astype(jnp.int32)

@@ -27,20 +27,32 @@ def _combine(weights, ks):
     return out
 
 
-def rk_step(tab: ButcherTableau, f, t, y, h, k1) -> StepResult:
+def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None) -> StepResult:
     """Take one step of size h from (t, y) with first stage k1 = f(t, y).
 
     ``f(t, y)`` evaluates the right-hand side at a stage after the first one (for a DDE,
     with left-sided delayed lookups: see _history.lookup).
+
+    n_state: when set (1-D y), only y[:n_state] is a state that f reads; the rest is a pure
+    integral of f's output (an adjoint's ∫ f_pᵀλ). f then receives y[:n_state] only, the
+    integral is advanced with the weights b alone, and err and coeffs cover the state only.
     """
     dtype = y.dtype
     cast = lambda w: [float(v) for v in w]  # Python floats are weakly typed: dtype follows y
+    cut = (lambda k: k) if n_state is None else (lambda k: k[:n_state])
+    x = cut(y)
     ks = [k1]
-    y_stage = y
+    x_stage = x
     for i, row in enumerate(tab.a, start=1):
-        y_stage = y + h * _combine(cast(row), ks)
-        ks.append(f(t + jnp.asarray(tab.c[i], dtype) * h, y_stage))
-    y1 = y_stage if tab.fsal else y + h * _combine(cast(tab.b), ks)
-    err = h * _combine(cast(tab.b_err), ks) if tab.adaptive else None
-    dense = [h * _combine(cast([row[p] for row in tab.dense]), ks) for p in range(tab.degree)]
-    return StepResult(y1, err, ks[-1], jnp.stack([y] + dense))
+        x_stage = x + h * _combine(cast(row), [cut(k) for k in ks])
+        ks.append(f(t + jnp.asarray(tab.c[i], dtype) * h, x_stage))
+    if n_state is None:
+        y1 = x_stage if tab.fsal else y + h * _combine(cast(tab.b), ks)
+    else:
+        x1 = x_stage if tab.fsal else x + h * _combine(cast(tab.b), [cut(k) for k in ks])
+        tail = y[n_state:] + h * _combine(cast(tab.b), [k[n_state:] for k in ks])
+        y1 = jnp.concatenate([x1, tail])
+    kx = [cut(k) for k in ks]
+    err = h * _combine(cast(tab.b_err), kx) if tab.adaptive else None
+    dense = [h * _combine(cast([row[p] for row in tab.dense]), kx) for p in range(tab.degree)]
+    return StepResult(y1, err, ks[-1], jnp.stack([x] + dense))

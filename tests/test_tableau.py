@@ -72,3 +72,23 @@ def test_dense_output_converges(solver):
         errs.append(abs(float(horner(step.coeffs, 0.37)[0]) - _exact(0.37 * h)))
     degree = solver.tableau.degree
     assert math.log2(errs[0] / errs[1]) >= degree + 1 - 0.5, errs
+
+
+def test_rk_step_with_an_integral_tail_equals_the_full_step():
+    """n_state: the tail (an adjoint's ∫ f_pᵀλ) is advanced with the weights b only and left
+    out of the stages, error and dense output; the result is the same step."""
+    from solvers._step import rk_step
+
+    tab = sv.Tsit5().tableau
+
+    def f(t, z):  # reads the state z[:2] only; the last three entries are integrals
+        x = z[:2]
+        return jnp.concatenate([jnp.stack([x[1], -jnp.sin(x[0])]), jnp.stack([x[0] ** 2, t * x[1], jnp.cos(x[0])])])
+
+    z = jnp.array([0.3, 0.1, 1.0, 2.0, 3.0])
+    full = rk_step(tab, f, 0.0, z, 0.2, f(0.0, z))
+    part = rk_step(tab, f, 0.0, z, 0.2, f(0.0, z), n_state=2)
+    np.testing.assert_allclose(part.y1, full.y1, rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(part.err, full.err[:2], rtol=1e-14, atol=1e-18)
+    np.testing.assert_allclose(part.coeffs, full.coeffs[:, :2], rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(part.k_last, full.k_last, rtol=1e-14)

@@ -216,8 +216,11 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
 
         cap = jax.lax.stop_gradient(jnp.min(taus)) if is_dde else jnp.asarray(jnp.inf, dtype)
         max_delay = jax.lax.stop_gradient(jnp.max(taus)) if is_dde else jnp.zeros((), dtype)
+        # ∫ f_pᵀλ never feeds back into λ: advanced with the weights b, outside the error
+        # control and the stage states (a vmapped sweep carries one copy per trajectory).
         return _forward.Rhs(eval=evaluate, cap=cap, max_delay=max_delay, keep_from=keep_from,
-                            hist_dim=n if is_dde else None, quadrature=quad if quadrature else None)
+                            hist_dim=n if is_dde else None, quadrature=quad if quadrature else None,
+                            n_state=size_z - n_p if augmented else None)
 
     # backward save times (observations, reversed) and their impulses
     s_obs = -saveat[::-1]
