@@ -57,7 +57,7 @@ def _data(job, comm):
 def _run(job, run_dir, comm, total_steps, restore, progress, extra_attrs=None):
     job, data_path = _data(job, comm)
     backend = make_backend(job.backend.kind, job.to_toml(), data_path, job.backend.workers,
-                           job.backend.scheduler)
+                           job.backend.scheduler, log_dir=pathlib.Path(run_dir) / "dask-workers")
     try:
         trainer = Trainer(job, run_dir, backend, data_path, extra_attrs)
         if not restore and backend.is_root:

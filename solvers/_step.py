@@ -41,18 +41,17 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None) -> StepResult:
     cast = lambda w: [float(v) for v in w]  # Python floats are weakly typed: dtype follows y
     cut = (lambda k: k) if n_state is None else (lambda k: k[:n_state])
     x = cut(y)
-    ks = [k1]
+    ks, kx = [k1], [cut(k1)]  # every stage, and its state part
     x_stage = x
     for i, row in enumerate(tab.a, start=1):
-        x_stage = x + h * _combine(cast(row), [cut(k) for k in ks])
+        x_stage = x + h * _combine(cast(row), kx)
         ks.append(f(t + jnp.asarray(tab.c[i], dtype) * h, x_stage))
+        kx.append(cut(ks[-1]))
+    x1 = x_stage if tab.fsal else x + h * _combine(cast(tab.b), kx)
     if n_state is None:
-        y1 = x_stage if tab.fsal else y + h * _combine(cast(tab.b), ks)
+        y1 = x1
     else:
-        x1 = x_stage if tab.fsal else x + h * _combine(cast(tab.b), [cut(k) for k in ks])
-        tail = y[n_state:] + h * _combine(cast(tab.b), [k[n_state:] for k in ks])
-        y1 = jnp.concatenate([x1, tail])
-    kx = [cut(k) for k in ks]
+        y1 = jnp.concatenate([x1, y[n_state:] + h * _combine(cast(tab.b), [k[n_state:] for k in ks])])
     err = h * _combine(cast(tab.b_err), kx) if tab.adaptive else None
     dense = [h * _combine(cast([row[p] for row in tab.dense]), kx) for p in range(tab.degree)]
     return StepResult(y1, err, ks[-1], jnp.stack([x] + dense))

@@ -30,7 +30,7 @@ def test_local_cluster_workers_have_no_malloc_trim_threshold(tmp_path):
 
 
 def test_slurm_worker_script_unsets_malloc_trim_threshold(tmp_path):
-    cluster = slurm_cluster(tiny_job(tmp_path).read_text())
+    cluster = slurm_cluster(tiny_job(tmp_path).read_text(), tmp_path / "logs")
     try:
         script = cluster.job_script()
     finally:
@@ -39,6 +39,7 @@ def test_slurm_worker_script_unsets_malloc_trim_threshold(tmp_path):
     assert line.startswith("export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=")
     assert script.index(line) < script.index("distributed.cli.dask_worker")
     assert "--nanny" in script
+    assert f"--output={tmp_path / 'logs'}" in script.replace("#SBATCH -o ", "--output=")  # worker logs in the run dir
     # What the nanny in that Slurm job will export to its worker once the line has run:
     probe = ("from distributed.nanny import _get_env_variables; "
              "print(sorted(_get_env_variables('distributed.nanny.pre-spawn-environ')))")

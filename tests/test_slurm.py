@@ -116,6 +116,7 @@ def test_dask_jobqueue_workers_are_slurm_jobs(slurm, tmp_path):
     workers = [blk for blk in out.split("\n\n") if "JobName=ndde-worker" in blk
                and blk.split("JobId=")[1].split()[0] not in before]
     assert len(workers) >= 2, "expected two dask workers submitted as Slurm jobs"
+    assert len(list((tmp_path / "ds" / "dask-workers").glob("*.out"))) >= 2  # worker logs in the run dir
 
 
 def test_sweep_submits_one_array_of_dask_jobs(slurm, tmp_path):

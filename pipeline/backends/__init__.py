@@ -53,13 +53,14 @@ def reduce_in_order(results) -> Reduced:
                    [r.error for r in results if r.error])
 
 
-def make_backend(kind: str, config_text: str, data_path: str, workers: int, scheduler: str = ""):
+def make_backend(kind: str, config_text: str, data_path: str, workers: int, scheduler: str = "", log_dir=None):
+    """log_dir: where dask-slurm worker jobs write their Slurm output (default: the cwd)."""
     if kind == "local":
         from .local import LocalBackend
         return LocalBackend(config_text, data_path, workers)
     if kind in ("dask", "dask-slurm"):
         from .dask_backend import DaskBackend
-        return DaskBackend(config_text, data_path, workers, scheduler, on_slurm=kind == "dask-slurm")
+        return DaskBackend(config_text, data_path, workers, scheduler, on_slurm=kind == "dask-slurm", log_dir=log_dir)
     if kind == "mpi":
         from .mpi_backend import MpiBackend
         return MpiBackend(config_text, data_path)

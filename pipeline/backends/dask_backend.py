@@ -49,7 +49,7 @@ def _shard_task(config_text, data_path, shard, shards, flat_theta, step):
     return worker_for(config_text, data_path, shard, shards).compute(flat_theta, step)
 
 
-def slurm_cluster(config_text: str):
+def slurm_cluster(config_text: str, log_dir=None):
     """dask-jobqueue's SLURMCluster (not yet scaled): one Slurm job per worker (one process,
     one thread), resources from the job's [slurm] section; the scheduler runs in this process."""
     import sys
@@ -66,7 +66,8 @@ def slurm_cluster(config_text: str):
                            walltime=s.time, queue=s.partition or None, account=s.account or None,
                            job_extra_directives=directives, python=sys.executable,
                            job_name=f"{s.job_name or 'ndde'}-worker", worker_extra_args=["--nthreads", "1"],
-                           job_script_prologue=[_UNSET_MALLOC_TRIM_ENV])
+                           job_script_prologue=[_UNSET_MALLOC_TRIM_ENV],
+                           log_directory=None if log_dir is None else str(log_dir))
     return cluster
 
 
@@ -78,7 +79,8 @@ def _dask_memory(mem: str) -> str:
 
 
 class DaskBackend(DriverBackend):
-    def __init__(self, config_text: str, data_path: str, workers: int, scheduler: str = "", on_slurm=False):
+    def __init__(self, config_text: str, data_path: str, workers: int, scheduler: str = "", on_slurm=False,
+                 log_dir=None):
         import dask
         from distributed import Client, LocalCluster
 
@@ -87,7 +89,7 @@ class DaskBackend(DriverBackend):
         if scheduler:
             self.client = Client(scheduler)
         elif on_slurm:
-            self.cluster = slurm_cluster(config_text)
+            self.cluster = slurm_cluster(config_text, log_dir)
             self.cluster.scale(jobs=workers)
             self.client = Client(self.cluster)
         else:
