@@ -44,7 +44,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     interpolating = isinstance(sens, InterpolatingAdjoint)
 
     def forward(prob, p, saveat):
-        checkpoint_times = _checkpoint_times(prob, p, sens) if interpolating else None
+        checkpoint_times = _checkpoint_times(prob, p, saveat, opts, sens) if interpolating else None
         keep_all = isinstance(sens, QuadratureAdjoint)
         built = build(prob, p, saveat, opts, keep_all=keep_all,
                       extra_stops=None if checkpoint_times is None else checkpoint_times[1:-1])
@@ -88,7 +88,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
             prob_b, p_b = _closure.lifted(diff, const, static), (p, diff)
         else:
             prob_b, p_b = _closure.rebuild(diff, const, static), p
-        checkpoint_times = _checkpoint_times(prob_b, p_b, sens) if interpolating else None
+        checkpoint_times = _checkpoint_times(prob_b, p_b, saveat, opts, sens) if interpolating else None
         grad = _backward(prob_b, p_b, saveat, _closure.instantiate(ct[0]), residual, fwd_probes, opts, sens,
                          is_dde, checkpoint_times)
         grad_p, grad_diff = grad if lift else (grad, diff)
@@ -98,10 +98,26 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     return solve_adj(p, saveat, arrays)
 
 
-def _checkpoint_times(prob, p, sens):
+def _checkpoint_times(prob, p, saveat, opts, sens):
+    """t0, N - 1 interior checkpoint times, t1. Each interior one is the uniform time
+    t0 + i(t1 - t0)/N moved to the nearest time both sweeps land on anyway (an observation,
+    or a forward breakpoint of a DDE) when one lies within half a segment: a checkpoint
+    elsewhere costs an extra step in the forward solve, in its re-solve and in the backward
+    sweep. Segments stay at most 2(t1 - t0)/N long."""
     dtype = initial_state(prob, p).dtype
     t0, t1 = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
-    return t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, sens.checkpoints + 1, dtype=dtype)
+    n = sens.checkpoints
+    uniform = t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, n + 1, dtype=dtype)
+    landed = [saveat.astype(dtype)]
+    if isinstance(prob, DDEProblem) and opts.track_breakpoints:
+        landed.append(breakpoint_times(t0, delays_of(prob, p, dtype), opts.tableau.order + 1))
+    landed = jax.lax.stop_gradient(jnp.concatenate(landed))
+    landed = jnp.where((landed > t0) & (landed < t1), landed, jnp.inf)
+    inner = uniform[1:-1]
+    dist = jnp.abs(landed[None, :] - inner[:, None])
+    near = landed[jnp.argmin(dist, axis=1)]
+    inner = jnp.where(jnp.min(dist, axis=1) <= 0.5 * (t1 - t0) / n, near, inner)
+    return jnp.concatenate([t0[None], inner, t1[None]])
 
 
 class _Forward:

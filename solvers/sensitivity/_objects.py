@@ -63,7 +63,9 @@ class BacksolveAdjoint(AbstractSensitivity):
 @dataclasses.dataclass(frozen=True)
 class InterpolatingAdjoint(AbstractSensitivity):
     """Continuous adjoint; the forward pass keeps ``checkpoints`` loop states (for a DDE each
-    with the dense output of the last max τ) and the backward sweep re-solves each segment."""
+    with the dense output of the last max τ) and the backward sweep re-solves each segment.
+    Segments are (t1 - t0)/checkpoints long, each end moved to the nearest observation or
+    forward breakpoint within half a segment (times every sweep lands on anyway)."""
 
     checkpoints: int = 16
 
