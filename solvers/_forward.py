@@ -33,6 +33,7 @@ class LoopConfig:
     max_steps: int
     history_size: int
     land_on_saveat: bool = True
+    save_dim: int | None = None  # keep only y[:save_dim] of a 1-D state at save times (None: all of y)
 
 
 class LoopState(NamedTuple):
@@ -80,8 +81,9 @@ def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, h
     else:
         h0 = jnp.asarray(dt0, dtype)
     at_t0 = saveat[0] == t0
-    ys = jnp.zeros((saveat.shape[0],) + y0.shape, dtype)
-    ys = ys.at[0].set(jnp.where(at_t0, y0, ys[0]))
+    saved = y0 if cfg.save_dim is None else y0[:cfg.save_dim]
+    ys = jnp.zeros((saveat.shape[0],) + saved.shape, dtype)
+    ys = ys.at[0].set(jnp.where(at_t0, saved, ys[0]))
     return LoopState(
         t=t0, y=y0, k1=k1, h=lax.stop_gradient(h0), prev_err=cfg.controller.init_state(dtype),
         last_rejected=jnp.asarray(False), nonfinite=jnp.asarray(False), ys=ys,
@@ -155,6 +157,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
                 y_save = y1 + (saveat[j] - t_next) * slope
             else:  # the adjoint's sweep (its save times never move with a parameter)
                 y_save = y1
+            if cfg.save_dim is not None:
+                y_save = y_save[:cfg.save_dim]
             # ys is a write-only buffer of the checkpointed loop (not copied into every checkpoint).
             ys = eqxi.buffer_at_set(st.ys, j, y_save, pred=hit)
             save_idx = st.save_idx + hit.astype(jnp.int32)

@@ -259,7 +259,9 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     stops, stop_is_bp = stop_times(s_start, s_end, extra, bps)
     probe_times = -(t0 + taus) if is_dde else None
 
-    cfg = _forward.LoopConfig(opts.tableau, opts.controller, opts.max_steps, opts.history_size, True)
+    # the sweep's saves are never read (only its landings and impulses matter): keep λ alone, so
+    # that under vmap a batched save does not select over a buffer of every ∫ f_pᵀλ.
+    cfg = _forward.LoopConfig(opts.tableau, opts.controller, opts.max_steps, opts.history_size, True, save_dim=n)
     rtol, atol = jnp.asarray(opts.rtol, dtype), jnp.asarray(opts.atol, dtype)
     hist_b = _history.empty(opts.history_size, opts.tableau.degree, Z0[:n]) if is_dde else None
     acc0 = jnp.zeros((n_p,), dtype) if quadrature else None
