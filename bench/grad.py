@@ -14,6 +14,7 @@ bench/results/memory.png.
 from __future__ import annotations
 
 import pathlib
+import statistics
 import sys
 
 import jax
@@ -25,7 +26,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import solvers as sv  # noqa: E402
 from problems import hnn_setup, mlp, ndde_setup  # noqa: E402
-from timing import median_time, write_results  # noqa: E402
+from timing import interleaved_times, median_time, paired_ratio, write_results  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -36,6 +37,8 @@ def _rel(a, b):
 
 
 def hnn_rows(B=256):
+    """Every timed callable runs in the same rounds (round-robin, ``interleaved_times``); the
+    ratio to diffrax is the median over rounds of back-to-back pairs."""
     import diffrax
 
     H, J, rhs, params, x0 = hnn_setup(B)
@@ -49,14 +52,11 @@ def hnn_rows(B=256):
                                   stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8))
         return loss(sol.ys)
 
-    fwd = jax.jit(lambda p: sv.solve(sv.ODEProblem(rhs, x0, 0.0, 10.0), p, **kw).ys)
-    t_fwd = median_time(fwd, params)
-    ref_fn = jax.jit(jax.grad(lambda p: dfx_solve(p, diffrax.RecursiveCheckpointAdjoint())))
-    g_ref = ref_fn(params)
-    t_ref = median_time(ref_fn, params)
-    rows = [("ndde forward (land_on_saveat=False)", t_fwd, 1.0, None)]
-    variants = [("Backprop", sv.Backprop(), rhs), ("ForwardMode", sv.ForwardMode(), rhs),
-                ("Backprop, I controller (diffrax's default form)", sv.Backprop(), rhs)]
+    ref = "diffrax RecursiveCheckpointAdjoint"
+    fns = {"ndde forward (land_on_saveat=False)": jax.jit(lambda p: sv.solve(sv.ODEProblem(rhs, x0, 0.0, 10.0), p, **kw).ys),
+           ref: jax.jit(jax.grad(lambda p: dfx_solve(p, diffrax.RecursiveCheckpointAdjoint()))),
+           "diffrax BacksolveAdjoint": jax.jit(jax.grad(lambda p: dfx_solve(p, diffrax.BacksolveAdjoint())))}
+    variants = [("Backprop", sv.Backprop(), rhs), ("Backprop, I controller (diffrax's default form)", sv.Backprop(), rhs)]
     for vjp in ("forward-over-reverse", "reverse-over-reverse"):
         field = sv.GradientField(lambda x, p: jnp.sum(mlp(p, x)), J, adjoint_vjp=vjp)
         for name, sens in (("BacksolveAdjoint", sv.BacksolveAdjoint()), ("InterpolatingAdjoint", sv.InterpolatingAdjoint()),
@@ -64,21 +64,24 @@ def hnn_rows(B=256):
             variants.append((f"{name} [GradientField {vjp}]", sens, field))
     for name, sens, field in variants:
         prob = sv.ODEProblem(field, x0, 0.0, 10.0)
-        if isinstance(sens, sv.ForwardMode):
-            n_params = ravel_pytree(params)[0].size
-            rows.append((f"{name}: not timed (one jvp per parameter: {n_params} here)", None, None, None))
-            continue
         extra = {"controller": sv.PIController(beta_scale=0.0)} if "I controller" in name else {}
-        fn = jax.jit(jax.grad(lambda p, prob=prob, sens=sens, extra=extra: loss(
+        fns[f"ndde {name}"] = jax.jit(jax.grad(lambda p, prob=prob, sens=sens, extra=extra: loss(
             sv.solve(prob, p, sensitivity=sens, **kw, **extra).ys)))
-        g = fn(params)
-        t = median_time(fn, params, repeats=5)
-        rows.append((f"ndde {name}", t, t / t_fwd, _rel(g, g_ref)))
-    rows.append(("diffrax RecursiveCheckpointAdjoint", t_ref, None, 0.0))
-    back_fn = jax.jit(jax.grad(lambda p: dfx_solve(p, diffrax.BacksolveAdjoint())))
-    g_b = back_fn(params)
-    rows.append(("diffrax BacksolveAdjoint", median_time(back_fn, params, repeats=3), None, _rel(g_b, g_ref)))
-    return rows, t_ref
+    g_ref = fns[ref](params)
+    times = interleaved_times(fns, params, rounds=11)
+    fwd = "ndde forward (land_on_saveat=False)"
+    t_fwd = statistics.median(times[fwd])
+    rows = []
+    for name, fn in fns.items():
+        t = statistics.median(times[name])
+        grad_like = name != fwd
+        rows.append((name, t, t / t_fwd if name.startswith("ndde") else None,
+                     _rel(fn(params), g_ref) if grad_like else None,
+                     paired_ratio(times, name, ref) if grad_like else None))
+        if name == "ndde Backprop":
+            n_params = ravel_pytree(params)[0].size
+            rows.append((f"ndde ForwardMode: not timed (one jvp per parameter: {n_params} here)",) + (None,) * 4)
+    return rows
 
 
 def vmap_rows(B=256):
@@ -95,8 +98,8 @@ def vmap_rows(B=256):
         one = lambda p, x, f=f, sens=sens: sv.solve(sv.ODEProblem(f, x, 0.0, 10.0), p, sensitivity=sens, **kw).ys
         batched = jax.jit(jax.grad(lambda p, one=one: jnp.mean(one(p, x0) ** 2)))
         vmapped = jax.jit(jax.grad(lambda p, one=one: jnp.mean(jax.vmap(one, in_axes=(None, 0))(p, x0) ** 2)))
-        t_b, t_v = median_time(batched, params, repeats=3), median_time(vmapped, params, repeats=3)
-        rows.append((name, t_b, t_v))
+        times = interleaved_times({"b": batched, "v": vmapped}, params, rounds=5)
+        rows.append((name, statistics.median(times["b"]), statistics.median(times["v"]), paired_ratio(times, "v", "b")))
     return rows
 
 
@@ -151,27 +154,31 @@ def _plot(mem):
     fig.savefig(RESULTS / "memory.png", dpi=100)
 
 
-def _fmt(rows):
-    lines = ["| case | median time (s) | grad / forward | max rel. diff to reference |", "|---|---|---|---|"]
-    for name, t, r, d in rows:
+def _fmt(rows, ratio_column=None):
+    head = "| case | median time (s) | grad / forward | max rel. diff to reference |"
+    head += f" {ratio_column} |" if ratio_column else ""
+    lines = [head, "|---" * head.count(" | ") + "|---|"]
+    for name, t, r, d, *q in rows:
         cell = lambda v, f: "" if v is None else format(v, f)
-        lines.append(f"| {name} | {cell(t, '.4f')} | {cell(r, '.2f')} | {cell(d, '.1e')} |")
+        line = f"| {name} | {cell(t, '.4f')} | {cell(r, '.2f')} | {cell(d, '.1e')} |"
+        lines.append(line + (f" {cell(q[0], '.2f')} |" if ratio_column else ""))
     return "\n".join(lines)
 
 
 def main():
     RESULTS.mkdir(exist_ok=True)
-    hnn, t_ref = hnn_rows()
-    best = min(t for n, t, r, d in hnn if n.startswith("ndde ") and "forward" not in n and t is not None)
+    hnn = hnn_rows()
+    best = min(q for n, t, r, d, q in hnn if n.startswith("ndde ") and q is not None)
     vm = vmap_rows()
     dde = ndde_rows()
     mem = memory_rows()
     _plot(mem)
-    text = ["## HNN gradient (B = 256, float64; reference: diffrax RecursiveCheckpointAdjoint)", _fmt(hnn),
-            f"\nbest ndde method / diffrax RecursiveCheckpointAdjoint = {best / t_ref:.2f}\n",
+    text = ["## HNN gradient (B = 256, float64; reference: diffrax RecursiveCheckpointAdjoint; all timed in "
+            "the same rounds)", _fmt(hnn, "time / diffrax RCA (median of paired ratios)"),
+            f"\nbest ndde method / diffrax RecursiveCheckpointAdjoint = {best:.2f} (median of paired ratios)\n",
             "## HNN gradient under vmap (256 single trajectories) vs one batched system of 256",
-            "| method | batched system (s) | vmap (s) | vmap / batched |", "|---|---|---|---|"]
-    text += [f"| {n} | {tb:.4f} | {tv:.4f} | {tv / tb:.2f} |" for n, tb, tv in vm]
+            "| method | batched system (s) | vmap (s) | vmap / batched (median of paired ratios) |", "|---|---|---|---|"]
+    text += [f"| {n} | {tb:.4f} | {tv:.4f} | {q:.2f} |" for n, tb, tv, q in vm]
     text += ["", "## Neural DDE gradient (B = 256, float64; reference: ndde Backprop)", _fmt(dde),
             "\n## Peak temporary memory of the compiled gradient (neural DDE, B = 64)",
             "| method | T | max_steps | MiB |", "|---|---|---|---|"]

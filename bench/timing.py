@@ -17,6 +17,26 @@ def median_time(fn, *args, repeats=7, warmup=1):
     return statistics.median(times)
 
 
+def interleaved_times(fns, *args, rounds=15):
+    """Per-round wall times of several jitted callables called in turn (round-robin), so that
+    the machine's slow and fast periods fall on each of them alike. Returns {name: [times]};
+    compare them by ``paired_ratio``."""
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def paired_ratio(times, a, b):
+    """Median over rounds of time[a] / time[b] (each pair measured back to back)."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
+
+
 def versions():
     import importlib.metadata as md
     import platform
