@@ -155,9 +155,9 @@ def _plot(mem):
 
 
 def _fmt(rows, ratio_column=None):
-    head = "| case | median time (s) | grad / forward | max rel. diff to reference |"
-    head += f" {ratio_column} |" if ratio_column else ""
-    lines = [head, "|---" * head.count(" | ") + "|---|"]
+    columns = ["case", "median time (s)", "grad / forward", "max rel. diff to reference"] + (
+        [ratio_column] if ratio_column else [])
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for name, t, r, d, *q in rows:
         cell = lambda v, f: "" if v is None else format(v, f)
         line = f"| {name} | {cell(t, '.4f')} | {cell(r, '.2f')} | {cell(d, '.1e')} |"

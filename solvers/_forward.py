@@ -33,7 +33,6 @@ class LoopConfig:
     max_steps: int
     history_size: int
     land_on_saveat: bool = True
-    save_dim: int | None = None  # keep only y[:save_dim] of a 1-D state at save times (None: all of y)
 
 
 class LoopState(NamedTuple):
@@ -64,7 +63,7 @@ class Rhs(NamedTuple):
     keep_from: Any = None  # never evict steps ending at or after this time (None: +inf)
     hist_dim: int | None = None  # store only y[:hist_dim] of a 1-D state in the history
     quadrature: Callable | None = None  # quadrature(t_a, t_b, coeffs) -> increment of LoopState.acc
-    n_state: int | None = None  # y[n_state:] is a pure integral of eval's output (see _step.rk_step)
+    n_state: int | None = None  # y[n_state:] is a pure integral of eval's output (see _step.rk_step), never saved
 
 
 def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, hist0, acc0=None,
@@ -81,7 +80,7 @@ def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, h
     else:
         h0 = jnp.asarray(dt0, dtype)
     at_t0 = saveat[0] == t0
-    saved = y0 if cfg.save_dim is None else y0[:cfg.save_dim]
+    saved = y0 if rhs.n_state is None else y0[:rhs.n_state]
     ys = jnp.zeros((saveat.shape[0],) + saved.shape, dtype)
     ys = ys.at[0].set(jnp.where(at_t0, saved, ys[0]))
     return LoopState(
@@ -155,10 +154,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             if rhs.n_state is None:
                 slope = sum(q * step.coeffs[q] for q in range(1, step.coeffs.shape[0])) / h
                 y_save = y1 + (saveat[j] - t_next) * slope
-            else:  # the adjoint's sweep (its save times never move with a parameter)
-                y_save = y1
-            if cfg.save_dim is not None:
-                y_save = y_save[:cfg.save_dim]
+            else:  # the adjoint's sweep (its save times never move with a parameter); under vmap a
+                y_save = cut(y1)  # batched save selects over the whole buffer: no ∫ f_pᵀλ in it
             # ys is a write-only buffer of the checkpointed loop (not copied into every checkpoint).
             ys = eqxi.buffer_at_set(st.ys, j, y_save, pred=hit)
             save_idx = st.save_idx + hit.astype(jnp.int32)

@@ -187,31 +187,29 @@ def test_sensitivity_arguments_are_checked():
         sv.solve(pendulum(), {"m": 1.0, "k": 2.0, "q0": 1.0}, sensitivity="adjoint")
 
 
-def test_interpolating_checkpoints_sit_on_times_both_sweeps_land_on(refcases):
-    """Interior checkpoints move to the nearest observation or forward breakpoint within half a
-    segment (no extra landing); with none near they stay on the uniform grid."""
+def _checkpoint_times(prob, p, obs, n):
     from solvers._setup import Options
 
     opts = Options(sv.Tsit5().tableau, sv.PIController(), 1e-8, 1e-10, 4096, None, 256, True, True)
+    return np.asarray(adjoint_module._checkpoint_times(prob, p, obs, opts, sv.InterpolatingAdjoint(n)))
+
+
+def test_interpolating_checkpoints_sit_on_times_both_sweeps_land_on(refcases):
+    """Interior checkpoints move to the nearest observation or forward breakpoint within half a
+    segment (no extra landing); with none near they stay on the uniform grid."""
     p = refcase_params(refcases["A_jump"])  # tau = 1: forward breakpoints 1, 2, 3
     obs = jnp.array(refcases["A_jump"]["obs_times"])  # 0.5, 1.2, 1.7, 2.5, 3.5 = T
-    times = adjoint_module._checkpoint_times(linear_dde(3.5), p, obs, opts, sv.InterpolatingAdjoint(4))
-    np.testing.assert_array_equal(np.asarray(times), [0.0, 1.0, 1.7, 2.5, 3.5])
+    np.testing.assert_array_equal(_checkpoint_times(linear_dde(3.5), p, obs, 4), [0.0, 1.0, 1.7, 2.5, 3.5])
     q = {"m": 1.0, "k": 2.0, "q0": 1.0}
-    times = adjoint_module._checkpoint_times(pendulum(), q, jnp.array([10.0]), opts, sv.InterpolatingAdjoint(4))
-    np.testing.assert_array_equal(np.asarray(times), [0.0, 2.5, 5.0, 7.5, 10.0])
+    np.testing.assert_array_equal(_checkpoint_times(pendulum(), q, jnp.array([10.0]), 4), [0.0, 2.5, 5.0, 7.5, 10.0])
 
 
 def test_interpolating_adjoint_with_two_checkpoints_on_one_observation():
     """Targets 2.5 and 5 are both half a segment from the observation 3.75: both move there,
     leaving an empty segment, which the forward and backward sweeps must step over."""
-    from solvers._setup import Options
-
     q = {"m": 1.0, "k": 2.0, "q0": 1.0}
     obs = jnp.array([3.75, 10.0])
-    opts = Options(sv.Tsit5().tableau, sv.PIController(), 1e-10, 1e-12, 4096, None, 256, True, True)
-    times = adjoint_module._checkpoint_times(pendulum(), q, obs, opts, sv.InterpolatingAdjoint(4))
-    np.testing.assert_array_equal(np.asarray(times), [0.0, 3.75, 3.75, 7.5, 10.0])
+    np.testing.assert_array_equal(_checkpoint_times(pendulum(), q, obs, 4), [0.0, 3.75, 3.75, 7.5, 10.0])
     grads = []
     for s in (sv.InterpolatingAdjoint(checkpoints=4), sv.QuadratureAdjoint(), sv.Backprop()):
         L = lambda p: jnp.sum(sv.solve(pendulum(), p, saveat=obs, rtol=1e-10, atol=1e-12, sensitivity=s).ys ** 2)

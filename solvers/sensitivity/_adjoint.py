@@ -66,7 +66,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         else:
             final, residual = jax.lax.scan(lambda st, t_end: (run(st, t_end), st), state, checkpoint_times[1:])
         ys = check_status(final.ys, final.status, opts)
-        return (ys, stats_of(final)), (residual, final.probes)
+        return (ys, stats_of(final)), (residual, final.probes, checkpoint_times)
 
     @jax.custom_vjp
     def solve_adj(p, saveat, arrays):  # not differentiated: the plain forward solve, no checkpoint stops
@@ -82,13 +82,12 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         return out, (p, saveat, diff, const, residual)
 
     def bwd(res, ct):
-        p, saveat, diff, const, (residual, fwd_probes) = res
+        p, saveat, diff, const, (residual, fwd_probes, checkpoint_times) = res
         lift = _closure.has_diff(diff)
         if lift:  # gradients for the problem's differentiated arrays too: parameters (p, diff)
             prob_b, p_b = _closure.lifted(diff, const, static), (p, diff)
         else:
             prob_b, p_b = _closure.rebuild(diff, const, static), p
-        checkpoint_times = _checkpoint_times(prob_b, p_b, saveat, opts, sens) if interpolating else None
         grad = _backward(prob_b, p_b, saveat, _closure.instantiate(ct[0]), residual, fwd_probes, opts, sens,
                          is_dde, checkpoint_times)
         grad_p, grad_diff = grad if lift else (grad, diff)
@@ -259,9 +258,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     stops, stop_is_bp = stop_times(s_start, s_end, extra, bps)
     probe_times = -(t0 + taus) if is_dde else None
 
-    # the sweep's saves are never read (only its landings and impulses matter): keep λ alone, so
-    # that under vmap a batched save does not select over a buffer of every ∫ f_pᵀλ.
-    cfg = _forward.LoopConfig(opts.tableau, opts.controller, opts.max_steps, opts.history_size, True, save_dim=n)
+    cfg = _forward.LoopConfig(opts.tableau, opts.controller, opts.max_steps, opts.history_size, True)
     rtol, atol = jnp.asarray(opts.rtol, dtype), jnp.asarray(opts.atol, dtype)
     hist_b = _history.empty(opts.history_size, opts.tableau.degree, Z0[:n]) if is_dde else None
     acc0 = jnp.zeros((n_p,), dtype) if quadrature else None
