@@ -61,9 +61,10 @@ class Rhs(NamedTuple):
     cap: Any  # largest step allowed (smallest delay, or +inf)
     max_delay: Any  # how far back lookups reach (0 for an ODE)
     keep_from: Any = None  # never evict steps ending at or after this time (None: +inf)
-    hist_dim: int | None = None  # store only y[:hist_dim] of a 1-D state in the history
+    hist_part: tuple[int, int] | None = None  # store only y[a:b] of a 1-D state in the history
     quadrature: Callable | None = None  # quadrature(t_a, t_b, coeffs) -> increment of LoopState.acc
     n_state: int | None = None  # y[n_state:] is a pure integral of eval's output (see _step.rk_step), never saved
+    n_dense: int | None = None  # dense output covers y[:n_dense] (integrals whose history is read)
 
 
 def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, hist0, acc0=None,
@@ -120,7 +121,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         land = (stop - t) <= jnp.minimum(1.01 * h_try, rhs.cap)
         h = jnp.where(land, stop - t, h_try)
         t_next = jnp.where(land, stop, t + h)
-        step = rk_step(tab, lambda s, z: rhs.eval(st.hist, s, z, True), t, y, h, st.k1, rhs.n_state)
+        step = rk_step(tab, lambda s, z: rhs.eval(st.hist, s, z, True), t, y, h, st.k1, rhs.n_state, rhs.n_dense)
         y1 = step.y1
         finite = jnp.all(jnp.isfinite(y1))
         cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
@@ -139,7 +140,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             oldest = t_next - rhs.max_delay
             if rhs.keep_from is not None:
                 oldest = jnp.minimum(oldest, rhs.keep_from)
-            coeffs = step.coeffs if rhs.hist_dim is None else step.coeffs[:, :rhs.hist_dim]
+            coeffs = step.coeffs if rhs.hist_part is None else step.coeffs[:, slice(*rhs.hist_part)]
             hist, hist_ok = _history.push(hist, t, t_next, coeffs, oldest, accept)
         acc = st.acc
         if rhs.quadrature is not None:

@@ -18,7 +18,7 @@ from jax import lax
 class History(NamedTuple):
     t_start: jax.Array  # (cap,)
     t_end: jax.Array  # (cap,)
-    coeffs: jax.Array  # (cap, degree + 1, *shape)
+    coeffs: jax.Array  # (cap + 1, degree + 1, *shape): the last row takes rejected steps (never read)
     first: jax.Array  # slot of the oldest stored step
     count: jax.Array  # number of stored steps
 
@@ -30,7 +30,7 @@ def empty(capacity: int, degree: int, y0: jax.Array) -> History:
         # arithmetic must stay finite so reverse-mode never meets 0 * NaN.
         t_start=jnp.zeros((capacity,), dtype),
         t_end=jnp.ones((capacity,), dtype),
-        coeffs=jnp.zeros((capacity, degree + 1) + y0.shape, dtype),
+        coeffs=jnp.zeros((capacity + 1, degree + 1) + y0.shape, dtype),
         first=jnp.zeros((), jnp.int32),
         count=jnp.zeros((), jnp.int32),
     )
@@ -49,7 +49,9 @@ def push(hist: History, t_a, t_b, coeffs, oldest_needed, write):
     new = History(
         t_start=hist.t_start.at[slot].set(keep(t_a, hist.t_start[slot])),
         t_end=hist.t_end.at[slot].set(keep(t_b, hist.t_end[slot])),
-        coeffs=lax.dynamic_update_index_in_dim(hist.coeffs, keep(coeffs, hist.coeffs[slot]), slot, 0),
+        # a rejected step goes to the spare last row: the update never reads the buffer, so XLA
+        # updates it in place instead of copying it every step
+        coeffs=lax.dynamic_update_index_in_dim(hist.coeffs, coeffs, jnp.where(write, slot, cap), 0),
         first=jnp.where(write & full, (hist.first + 1) % cap, hist.first),
         count=jnp.where(write & ~full, hist.count + 1, hist.count),
     )
@@ -101,9 +103,23 @@ def lookup(hist: History, q, left: bool):
     start of a step (c = 0) reads right-sided values, all later stages left-sided ones,
     so a step never mixes the two sides of a jump.
     """
+    coeffs, theta, _ = _piece(hist, q, left)
+    return horner(coeffs, theta)
+
+
+def lookup_derivative(hist: History, q, left: bool):
+    """d/dq of the stored solution at q (the derivative of the step's polynomial)."""
+    coeffs, theta, h = _piece(hist, q, left)
+    weights = jnp.stack([p * theta ** (p - 1) for p in range(1, coeffs.shape[0])]) / h
+    # a contraction, not Horner: XLA then reads the slot once instead of fusing the read into
+    # every consumer (which made it copy the whole buffer each step to keep the update in place)
+    return jnp.tensordot(weights, coeffs[1:], axes=1)
+
+
+def _piece(hist: History, q, left: bool):
+    """Coefficients of the stored step holding q, θ in it, and its length."""
     cap = hist.t_end.shape[0]
     i = jnp.clip(_steps_before(hist, q, left), 0, jnp.maximum(hist.count - 1, 0))
     slot = (hist.first + i) % cap
     t_a, t_b = hist.t_start[slot], hist.t_end[slot]
-    theta = (q - t_a) / (t_b - t_a)
-    return horner(hist.coeffs[slot], theta)
+    return hist.coeffs[slot], (q - t_a) / (t_b - t_a), t_b - t_a

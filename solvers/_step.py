@@ -27,7 +27,7 @@ def _combine(weights, ks):
     return out
 
 
-def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None) -> StepResult:
+def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None) -> StepResult:
     """Take one step of size h from (t, y) with first stage k1 = f(t, y).
 
     ``f(t, y)`` evaluates the right-hand side at a stage after the first one (for a DDE,
@@ -36,6 +36,8 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None) -> StepResult:
     n_state: when set (1-D y), only y[:n_state] is a state that f reads; the rest is a pure
     integral of f's output (an adjoint's ∫ f_pᵀλ). f then receives y[:n_state] only, the
     integral is advanced with the weights b alone, and err and coeffs cover the state only.
+    n_dense (≥ n_state): coeffs cover y[:n_dense], the state and the integrals right after it
+    whose dense output is read (a DDE adjoint's ∫ μ_j, see sensitivity/_adjoint.py).
     """
     dtype = y.dtype
     cast = lambda w: [float(v) for v in w]  # Python floats are weakly typed: dtype follows y
@@ -53,5 +55,7 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None) -> StepResult:
     else:
         y1 = jnp.concatenate([x1, y[n_state:] + h * _combine(cast(tab.b), [k[n_state:] for k in ks])])
     err = h * _combine(cast(tab.b_err), kx) if tab.adaptive else None
+    if n_dense is not None and n_dense != n_state:
+        x, kx = y[:n_dense], [k[:n_dense] for k in ks]
     dense = [h * _combine(cast([row[p] for row in tab.dense]), kx) for p in range(tab.degree)]
     return StepResult(y1, err, ks[-1], jnp.stack([x] + dense))

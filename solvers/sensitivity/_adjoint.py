@@ -3,8 +3,13 @@
 The backward sweep runs in reversed time s = -t through the same loop as the forward
 solve. For a DDE the adjoint is an advanced equation,
     λ'(t) = -f_x(t)ᵀλ(t) - Σ_j μ_j(t + τ_j),   μ_j(u) = f_{y_j}(u)ᵀλ(u) (0 for u > T),
-which in s is an ordinary *retarded* DDE: λ(t + τ_j) = Λ(s - τ_j) is read from the backward
-sweep's own dense output (a ring buffer holding λ only), with zero history before s = -T.
+which in s is an ordinary *retarded* DDE. The sweep integrates M_j(s) = ∫ μ_j(-σ) dσ
+alongside λ (μ_j(t) comes out of the same VJP as f_xᵀλ) and keeps M_j's dense output in a
+ring buffer: the advanced term μ_j(t + τ_j) is the slope of that output at s - τ_j (zero
+before s = -T). One VJP per stage, where reading λ(t + τ_j) instead would need a second VJP
+of f at t + τ_j; the slope of an order-4 dense output is accurate to O(h⁴), so the delayed
+term's local error is one order lower than with λ's own dense output (measured on the
+neural DDE at rtol 1e-10: gradient error 6.6e-10 instead of 4.4e-12; unchanged at 1e-6).
 Its breakpoints are every observation time and T shifted by Σ n_j τ_j, plus the forward
 ones. Observations add ∂ℓ_k/∂x to λ as impulses.
 
@@ -19,8 +24,6 @@ QuadratureAdjoint integrates λ alone and accumulates it by Gauss–Legendre qua
 """
 
 from __future__ import annotations
-
-import types
 
 import equinox as eqx
 import jax
@@ -162,7 +165,11 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     augmented = not quadrature
     ct_ys = jnp.asarray(ct_ys, dtype)
 
-    # layout of the backward state Z: [λ, x (backsolve only), ∫ f_pᵀλ (augmented only)]
+    # layout of the backward state Z: [λ, x (backsolve only), ∫μ_j (DDE only), ∫ f_pᵀλ (augmented only)]
+    m = taus.shape[0] if is_dde else 0
+    n_lam = n * (2 if backsolve else 1)  # the part the sweep's rhs reads
+    n_mu = m * n
+
     def split(Z):
         lam = Z[:n].reshape(shape)
         x = Z[n:2 * n].reshape(shape) if backsolve else None
@@ -173,32 +180,31 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
                     and field.adjoint_vjp == "forward-over-reverse")
 
     def vjp_terms(t, x, lam, fwd, left):
-        """(f_xᵀλ, ∂/∂p f(t, x, lags(t; p), p)ᵀλ, f) at one time."""
+        """(f_xᵀλ, μ_j = f_{y_j}ᵀλ for every j (DDE only), ∂/∂p f(t, x, lags(t; p), p)ᵀλ, f) at one time."""
         if fwd_over_rev:
             fx, dx, dp = field.vjp_with(t, x, p, lam)
-            return dx, ravel_pytree(dp)[0], fx
+            return dx, None, ravel_pytree(dp)[0], fx
+        if not is_dde:
+            fx, vjp = jax.vjp(lambda x, pf: f(t, x, None, unravel(pf)), x, p_flat)
+            dx, dp = vjp(lam)
+            return dx, None, dp, fx
+        lags, lags_vjp = jax.vjp(lambda pf: fwd.lags(t, left, unravel(pf)), p_flat)
+        fx, vjp = jax.vjp(lambda x, lg, pf: f(t, x, lg, unravel(pf)), x, lags, p_flat)
+        dx, mu, dp = vjp(lam)
+        return dx, mu, dp + lags_vjp(mu)[0], fx
 
-        def F(x, pf):
-            pp = unravel(pf)
-            lags = fwd.lags(t, left, pp) if fwd is not None else None
-            return f(t, x, lags, pp)
-
-        fx, vjp = jax.vjp(F, x, p_flat)
-        dx, dp = vjp(lam)
-        return dx, dp, fx
-
-    def advanced(t, lam_adv, fwd, left):
-        """Σ_j μ_j(t + τ_j) with λ(t + τ_j) = lam_adv[j] (zero beyond T)."""
+    def advanced(hist_b, s, left):
+        """Σ_j μ_j(t + τ_j): the slope of the sweep's own ∫μ_j at s - τ_j (DESIGN.md's advanced
+        term without a second VJP; zero beyond T, i.e. before s = -T)."""
         total = jnp.zeros(shape, dtype)
-        for j in range(taus.shape[0]):
-            u = t + taus[j]
-            x_u, lags_u = fwd.x(u, left, p), fwd.lags(u, left, p)
-            _, vjp = jax.vjp(lambda lg: f(u, x_u, lg, p), lags_u)
-            total = total + vjp(lam_adv[j].reshape(shape))[0][j]
+        qs = s - taus
+        slopes = jax.vmap(lambda q: _history.lookup_derivative(hist_b, q, left))(qs).reshape((m, m) + shape)
+        before = (qs <= s_start) if left else (qs < s_start)
+        for j in range(m):
+            total = total + jnp.where(before[j], 0.0, slopes[j, j])
         return total
 
     s_start, s_end = -T, -t0
-    zero_history = types.SimpleNamespace(history=lambda q, _p: jnp.zeros((n,), dtype))
 
     def make_rhs(fwd, keep_from):
         def evaluate(hist_b, s, Z, left):
@@ -206,14 +212,12 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
             lam, x_state = split(Z)
             fwd_left = not left  # reversed time: the interior of a backward step lies on the other side
             x = x_state if backsolve else fwd.x(t, fwd_left, p)
-            dx, dp, fx = vjp_terms(t, x, lam, None if backsolve else fwd, fwd_left)
-            dlam = dx
-            if is_dde:
-                lam_adv = lagged_values(zero_history, p, taus, s_start, hist_b, s, left, Z[:n])
-                dlam = dlam + advanced(t, lam_adv, fwd, fwd_left)
-            parts = [dlam.ravel()]
+            dx, mu, dp, fx = vjp_terms(t, x, lam, None if backsolve else fwd, fwd_left)
+            parts = [(dx + advanced(hist_b, s, left)).ravel() if is_dde else dx.ravel()]
             if backsolve:
                 parts.append(-fx.ravel())
+            if is_dde:
+                parts.append(mu.ravel())
             if augmented:
                 parts.append(dp)
             return jnp.concatenate(parts)
@@ -224,24 +228,27 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
             total = jnp.zeros((n_p,), dtype)
             for th, w in zip(((nodes + 1) / 2).tolist(), (weights / 2).tolist()):  # floats: dtype follows s
                 s = s_a + th * (s_b - s_a)
-                lam = _history.horner(coeffs, th).reshape(shape)
-                _, dp, _ = vjp_terms(-s, fwd.x(-s, False, p), lam, fwd, False)
+                lam = _history.horner(coeffs, th)[:n].reshape(shape)
+                _, _, dp, _ = vjp_terms(-s, fwd.x(-s, False, p), lam, fwd, False)
                 total = total + (w * (s_b - s_a)) * dp
             return total
 
         cap = jax.lax.stop_gradient(jnp.min(taus)) if is_dde else jnp.asarray(jnp.inf, dtype)
         max_delay = jax.lax.stop_gradient(jnp.max(taus)) if is_dde else jnp.zeros((), dtype)
-        # ∫ f_pᵀλ never feeds back into λ: advanced with the weights b, outside the error
-        # control and the stage states (a vmapped sweep carries one copy per trajectory).
+        # ∫ f_pᵀλ and ∫μ_j never feed back into the stages: advanced with the weights b, outside
+        # the error control (a vmapped sweep carries one copy per trajectory); ∫μ_j keeps its
+        # dense output, whose slope gives the advanced term.
+        integrals = augmented or is_dde
         return _forward.Rhs(eval=evaluate, cap=cap, max_delay=max_delay, keep_from=keep_from,
-                            hist_dim=n if is_dde else None, quadrature=quad if quadrature else None,
-                            n_state=size_z - n_p if augmented else None)
+                            hist_part=(n_lam, n_lam + n_mu) if is_dde else None,
+                            quadrature=quad if quadrature else None,
+                            n_state=n_lam if integrals else None, n_dense=n_lam + n_mu if is_dde else None)
 
     # backward save times (observations, reversed) and their impulses
     s_obs = -saveat[::-1]
     g = ct_ys[::-1].reshape(saveat.shape[0], n)
     at_T = s_obs == s_start
-    size_z = n * (2 if backsolve else 1) + (n_p if augmented else 0)
+    size_z = n_lam + n_mu + (n_p if augmented else 0)
     impulses = jnp.zeros((saveat.shape[0], size_z), dtype).at[:, :n].set(jnp.where(at_T[:, None], 0.0, g))
     Z0 = jnp.zeros((size_z,), dtype).at[:n].set(jnp.sum(jnp.where(at_T[:, None], g, 0.0), axis=0))
     if backsolve:
@@ -260,7 +267,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
 
     cfg = _forward.LoopConfig(opts.tableau, opts.controller, opts.max_steps, opts.history_size, True)
     rtol, atol = jnp.asarray(opts.rtol, dtype), jnp.asarray(opts.atol, dtype)
-    hist_b = _history.empty(opts.history_size, opts.tableau.degree, Z0[:n]) if is_dde else None
+    hist_b = _history.empty(opts.history_size, opts.tableau.degree, Z0[n_lam:n_lam + n_mu]) if is_dde else None
     acc0 = jnp.zeros((n_p,), dtype) if quadrature else None
     probe_shape = (taus.shape[0], size_z) if is_dde else None
 
