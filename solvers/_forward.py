@@ -61,10 +61,9 @@ class Rhs(NamedTuple):
     cap: Any  # largest step allowed (smallest delay, or +inf)
     max_delay: Any  # how far back lookups reach (0 for an ODE)
     keep_from: Any = None  # never evict steps ending at or after this time (None: +inf)
-    hist_part: tuple[int, int] | None = None  # store only y[a:b] of a 1-D state in the history
+    hist_part: tuple[int, int] | None = None  # the history stores y[a:b] of a 1-D state (dense output: y[:b])
     quadrature: Callable | None = None  # quadrature(t_a, t_b, coeffs) -> increment of LoopState.acc
     n_state: int | None = None  # y[n_state:] is a pure integral of eval's output (see _step.rk_step), never saved
-    n_dense: int | None = None  # dense output covers y[:n_dense] (integrals whose history is read)
 
 
 def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, hist0, acc0=None,
@@ -121,7 +120,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         land = (stop - t) <= jnp.minimum(1.01 * h_try, rhs.cap)
         h = jnp.where(land, stop - t, h_try)
         t_next = jnp.where(land, stop, t + h)
-        step = rk_step(tab, lambda s, z: rhs.eval(st.hist, s, z, True), t, y, h, st.k1, rhs.n_state, rhs.n_dense)
+        step = rk_step(tab, lambda s, z: rhs.eval(st.hist, s, z, True), t, y, h, st.k1, rhs.n_state,
+                       None if rhs.hist_part is None else rhs.hist_part[1])
         y1 = step.y1
         finite = jnp.all(jnp.isfinite(y1))
         cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
@@ -153,8 +153,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             # moves with τ: the saved value then stays x at the fixed save time, taken from the
             # piece before the breakpoint (the step that ends there), not x at the moving point.
             if rhs.n_state is None:
-                slope = sum(q * step.coeffs[q] for q in range(1, step.coeffs.shape[0])) / h
-                y_save = y1 + (saveat[j] - t_next) * slope
+                y_save = y1 + (saveat[j] - t_next) * _history.slope(step.coeffs, 1.0) / h
             else:  # the adjoint's sweep (its save times never move with a parameter); under vmap a
                 y_save = cut(y1)  # batched save selects over the whole buffer: no ∫ f_pᵀλ in it
             # ys is a write-only buffer of the checkpointed loop (not copied into every checkpoint).

@@ -110,9 +110,14 @@ def lookup(hist: History, q, left: bool):
 def lookup_derivative(hist: History, q, left: bool):
     """d/dq of the stored solution at q (the derivative of the step's polynomial)."""
     coeffs, theta, h = _piece(hist, q, left)
-    weights = jnp.stack([p * theta ** (p - 1) for p in range(1, coeffs.shape[0])]) / h
-    # a contraction, not Horner: XLA then reads the slot once instead of fusing the read into
-    # every consumer (which made it copy the whole buffer each step to keep the update in place)
+    return slope(coeffs, theta) / h
+
+
+def slope(coeffs, theta):
+    """d/dθ of horner(coeffs, θ). A contraction with the weights p θ^(p-1), not Horner's rule:
+    XLA then reads a stored slot once instead of fusing the read into every consumer (which made
+    it copy the whole history buffer each step to keep the buffer's update in place)."""
+    weights = jnp.stack([jnp.asarray(p * theta ** (p - 1), coeffs.dtype) for p in range(1, coeffs.shape[0])])
     return jnp.tensordot(weights, coeffs[1:], axes=1)
 
 

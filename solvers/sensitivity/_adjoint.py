@@ -197,11 +197,11 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         """Σ_j μ_j(t + τ_j): the slope of the sweep's own ∫μ_j at s - τ_j (DESIGN.md's advanced
         term without a second VJP; zero beyond T, i.e. before s = -T)."""
         total = jnp.zeros(shape, dtype)
-        qs = s - taus
-        slopes = jax.vmap(lambda q: _history.lookup_derivative(hist_b, q, left))(qs).reshape((m, m) + shape)
-        before = (qs <= s_start) if left else (qs < s_start)
         for j in range(m):
-            total = total + jnp.where(before[j], 0.0, slopes[j, j])
+            q = s - taus[j]
+            slope = _history.lookup_derivative(hist_b, q, left)[j * n:(j + 1) * n].reshape(shape)
+            before = (q <= s_start) if left else (q < s_start)
+            total = total + jnp.where(before, 0.0, slope)
         return total
 
     s_start, s_end = -T, -t0
@@ -242,7 +242,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         return _forward.Rhs(eval=evaluate, cap=cap, max_delay=max_delay, keep_from=keep_from,
                             hist_part=(n_lam, n_lam + n_mu) if is_dde else None,
                             quadrature=quad if quadrature else None,
-                            n_state=n_lam if integrals else None, n_dense=n_lam + n_mu if is_dde else None)
+                            n_state=n_lam if integrals else None)
 
     # backward save times (observations, reversed) and their impulses
     s_obs = -saveat[::-1]
