@@ -23,7 +23,7 @@ from ._controller import error_norm, initial_step
 from ._step import rk_step
 from ._tableau import ButcherTableau
 
-OK, MAX_STEPS, UNDERFLOW, NONFINITE, HISTORY_FULL = range(5)
+OK, MAX_STEPS, UNDERFLOW, NONFINITE, HISTORY_FULL, WINDOWS_FULL = range(6)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from . import _forward
 from ._controller import ConstantStepSize, PIController
-from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW
+from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW, WINDOWS_FULL
 from ._problem import DDEProblem, ODEProblem
 from ._setup import Options, build, initial_state, is_concrete
 from ._tableau import ExplicitRK, Tsit5
@@ -27,7 +27,7 @@ class Solution(eqx.Module):
 
 
 def _error_messages(max_steps: int, history_size: int) -> list[str]:
-    msgs = [""] * 5
+    msgs = [""] * 6
     msgs[MAX_STEPS] = (f"ndde: step budget exhausted: max_steps={max_steps} attempted steps did not "
                        "reach t1. Raise max_steps (solve(..., max_steps=...)) or loosen rtol/atol.")
     msgs[UNDERFLOW] = ("ndde: step size underflow: the controller shrank the step below the "
@@ -38,6 +38,10 @@ def _error_messages(max_steps: int, history_size: int) -> list[str]:
     msgs[HISTORY_FULL] = (f"ndde: history buffer full: history_size={history_size} stored steps do not "
                           "cover what must be kept (the largest delay, or an adjoint's segment). Raise "
                           "history_size (solve(..., history_size=...)) or the adjoint's checkpoints.")
+    msgs[WINDOWS_FULL] = (f"ndde: InterpolatingAdjoint keeps the steps within the largest delay before each "
+                          f"checkpoint of a DDE, in one log of history_size={history_size} steps, and they do "
+                          "not fit. Raise history_size (solve(..., history_size=...)) or use fewer checkpoints "
+                          "(InterpolatingAdjoint(checkpoints=...)).")
     return msgs
 
 
@@ -79,7 +83,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     controller: ``PIController()`` for adaptive tableaus (default) or ``ConstantStepSize()``
     (steps of ``dt0``). max_steps bounds accepted + rejected steps; history_size bounds the
     number of stored steps a DDE keeps for its delayed lookups (default min(max_steps, 256);
-    QuadratureAdjoint keeps every step and defaults to max_steps).
+    QuadratureAdjoint keeps every step and defaults to max_steps), and those InterpolatingAdjoint
+    keeps within max τ before its checkpoints, all checkpoints together.
     """
     solver = Tsit5() if solver is None else solver
     if not isinstance(solver, ExplicitRK):

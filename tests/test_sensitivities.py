@@ -1,5 +1,6 @@
 """Gradients by every method against exact values, each other and finite differences."""
 
+import equinox as eqx
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -224,6 +225,19 @@ def test_adjoint_segment_too_long_for_history_says_what_to_raise(refcases):
                            sensitivity=sv.InterpolatingAdjoint(checkpoints=1)).ys[-1]
     with pytest.raises(Exception, match="history buffer full.*checkpoints"):
         jax.grad(L)(refcase_params(case))
+
+
+def test_checkpoint_windows_that_overflow_the_log_say_what_to_raise(refcases):
+    """T = 16, τ = 1, 40 steps: 16 checkpoints a delay apart keep nearly every step in their
+    windows, more than history_size = 24; 8 checkpoints keep fewer and get the gradient of the
+    default history size."""
+    p = refcase_params(refcases["A_jump"])
+    grad = lambda n, size: jax.grad(lambda p: sv.solve(
+        linear_dde(16.0), p, rtol=1e-5, atol=1e-7, history_size=size,
+        sensitivity=sv.InterpolatingAdjoint(checkpoints=n)).ys[-1])(p)
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"history_size=24 steps.*fewer checkpoints"):
+        grad(16, 24)
+    _assert_close(grad(8, 24), {k: float(v) for k, v in grad(8, 256).items()})
 
 
 def test_compare_needs_float64():

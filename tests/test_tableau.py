@@ -97,28 +97,3 @@ def test_rk_step_with_an_integral_tail_equals_the_full_step():
     dense = rk_step(tab, f, 0.0, z, 0.2, f(0.0, z), n_state=2, n_dense=3)
     np.testing.assert_allclose(dense.y1, full.y1, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(dense.coeffs, full.coeffs[:, :3], rtol=1e-14, atol=1e-15)
-
-
-def test_history_slope_and_a_rejected_step_in_a_full_buffer():
-    """lookup_derivative is the slope of the stored polynomial (the DDE adjoint's advanced
-    term reads it); a rejected step written into a full buffer leaves every stored step as
-    it was (it goes to the spare row)."""
-    from solvers import _history
-
-    hist = _history.empty(2, 3, jnp.zeros((1,)))
-    c1 = jnp.array([[1.0], [2.0], [-1.0], [0.5]])  # y(θ) = 1 + 2θ - θ² + θ³/2 on [0, 2]
-    c2 = jnp.array([[2.5], [1.0], [0.0], [-0.25]])
-    hist, ok1 = _history.push(hist, 0.0, 2.0, c1, -jnp.inf, jnp.asarray(True))
-    hist, ok2 = _history.push(hist, 2.0, 3.0, c2, -jnp.inf, jnp.asarray(True))
-    assert bool(ok1) and bool(ok2) and int(hist.count) == 2
-    for q, coeffs, t_a, h in ((0.7, c1, 0.0, 2.0), (2.4, c2, 2.0, 1.0)):
-        th = (q - t_a) / h
-        slope = (coeffs[1] + 2 * coeffs[2] * th + 3 * coeffs[3] * th ** 2) / h
-        np.testing.assert_allclose(_history.lookup_derivative(hist, q, True), slope, rtol=1e-14)
-        np.testing.assert_allclose(jax.grad(lambda q: _history.lookup(hist, q, True)[0])(q), slope[0], rtol=1e-14)
-    before = [np.asarray(_history.lookup(hist, q, True)) for q in (0.7, 2.4)]
-    junk = jnp.full((4, 1), 99.0)
-    rejected, ok = _history.push(hist, 3.0, 3.5, junk, -jnp.inf, jnp.asarray(False))
-    assert bool(ok) and int(rejected.count) == 2 and int(rejected.first) == int(hist.first)
-    for q, value in zip((0.7, 2.4), before):
-        np.testing.assert_array_equal(_history.lookup(rejected, q, True), value)

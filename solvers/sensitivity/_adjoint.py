@@ -67,7 +67,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
             final = run(state, built.t1)
             residual = final.hist if keep_all else final.y
         else:
-            final, residual = jax.lax.scan(lambda st, t_end: (run(st, t_end), st), state, checkpoint_times[1:])
+            final, residual = _checkpointed_forward(run, state, checkpoint_times, built, opts)
         ys = check_status(final.ys, final.status, opts)
         return (ys, stats_of(final)), (residual, final.probes, checkpoint_times)
 
@@ -98,6 +98,31 @@ def adjoint_solve(prob, p, saveat, opts, sens):
 
     solve_adj.defvjp(fwd, bwd, symbolic_zeros=True)
     return solve_adj(p, saveat, arrays)
+
+
+def _checkpointed_forward(run, state, checkpoint_times, built, opts):
+    """The forward solve segment by segment, keeping the loop state at each checkpoint; for a DDE
+    the history goes to the checkpoints' windows (_history.Windows) instead."""
+    n = checkpoint_times.shape[0] - 1
+    windows = None
+    if state.hist is not None:  # checkpoint 0's window stays empty: the solve starts without steps
+        windows = _history.empty_windows(n, opts.history_size, opts.tableau.degree, state.y)
+    light = (lambda st: st) if windows is None else (lambda st: st._replace(hist=None))
+
+    def segment(carry, i):  # segment i, then checkpoint i + 1's window
+        st, windows = carry
+        start, st = light(st), run(st, checkpoint_times[i + 1])
+        if windows is not None:
+            windows = _history.save_window(windows, i + 1, st.hist, checkpoint_times[i + 1] - built.rhs.max_delay)
+        return (st, windows), start
+
+    (last, windows), states = jax.lax.scan(segment, (state, windows), jnp.arange(n - 1))
+    final = run(last, checkpoint_times[n])
+    states = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), states, light(last))
+    if windows is not None:
+        final = final._replace(status=jnp.where(windows.ok | (final.status != _forward.OK), final.status,
+                                                _forward.WINDOWS_FULL))
+    return final, (states, windows)
 
 
 def _checkpoint_times(prob, p, saveat, opts, sens):
@@ -321,37 +346,34 @@ def _jump_terms(prob, p, lam_probe, fwd_probes, taus, t0, y0, f):
 
 def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, sweep, y0, taus):
     """Backward over the segments in reverse; each segment's forward solution is re-solved from
-    its checkpoint to the next one. For a DDE the advanced terms also read x on (c_{i+1},
-    c_{i+1} + max τ]: those steps are carried over from the later segment's buffer (the same
-    steps the forward took), not re-solved."""
+    its checkpoint (for a DDE, from the saved window of the last max τ) to the next checkpoint,
+    into one history buffer that every segment reuses."""
+    states, windows = checkpoints
     is_dde = taus is not None
     built = build(prob, p, saveat, opts, keep_all=not is_dde, extra_stops=checkpoint_times[1:-1])
     cfg = opts.loop_config()
-    max_tau = jnp.max(taus) if is_dde else jnp.zeros((), y0.dtype)
     n_seg = checkpoint_times.shape[0] - 1
 
-    def resolve(i, ck, later):
+    def resolve(i, work):
         c_i, c_next = checkpoint_times[i], checkpoint_times[i + 1]
-        rhs = built.rhs._replace(keep_from=c_i - max_tau) if is_dde else built.rhs
-        if not is_dde:
-            ck = ck._replace(hist=_history.empty(opts.history_size, opts.tableau.degree, y0))
-        fin = _forward.run(cfg, rhs, ck, c_next, saveat, built.stops, built.stop_is_bp, built.rtol, built.atol,
-                           opts.dt0)
-        hist, status = fin.hist, fin.status
-        if later is not None:
-            hist, ok = _history.extend(hist, later, c_next, c_next + max_tau, c_i - max_tau)
-            status = jnp.where(ok | (status != _forward.OK), status, _forward.HISTORY_FULL)
-        return hist, status
+        ck = jax.tree_util.tree_map(lambda a: a[i], states)
+        if is_dde:
+            rhs = built.rhs._replace(keep_from=c_i - jnp.max(taus))
+            hist = _history.load_window(work, windows, i)
+        else:
+            rhs, hist = built.rhs, work._replace(first=jnp.zeros_like(work.first), count=jnp.zeros_like(work.count))
+        fin = _forward.run(cfg, rhs, ck._replace(hist=hist), c_next, saveat, built.stops, built.stop_is_bp,
+                           built.rtol, built.atol, opts.dt0)
+        return fin.hist, fin.status
 
     def segment(carry, i):
-        state_b, later, status = carry
-        ck = jax.tree_util.tree_map(lambda a: a[i], checkpoints)
-        hist, st = resolve(i, ck, later if is_dde else None)
+        state_b, work, status = carry
+        hist, st = resolve(i, work)
         state_b = sweep(state_b, _Forward(prob, built.t0, hist, y0), -checkpoint_times[i])
         return (state_b, hist, jnp.maximum(status, st)), None
 
     last = n_seg - 1
-    hist, status = resolve(last, jax.tree_util.tree_map(lambda a: a[last], checkpoints), None)
+    hist, status = resolve(last, _history.empty(opts.history_size, opts.tableau.degree, y0))
     state_b = sweep(None, _Forward(prob, built.t0, hist, y0), -checkpoint_times[last])
     (state_b, _, status), _ = jax.lax.scan(segment, (state_b, hist, status), jnp.arange(last - 1, -1, -1))
     return state_b._replace(status=jnp.where(status != _forward.OK, status, state_b.status))

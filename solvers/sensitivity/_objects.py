@@ -65,7 +65,10 @@ class InterpolatingAdjoint(AbstractSensitivity):
     """Continuous adjoint; the forward pass keeps ``checkpoints`` loop states (for a DDE each
     with the dense output of the last max τ) and the backward sweep re-solves each segment.
     Segments are (t1 - t0)/checkpoints long, each end moved to the nearest observation or
-    forward breakpoint within half a segment (times every sweep lands on anyway)."""
+    forward breakpoint within half a segment (times every sweep lands on anyway). A DDE's
+    checkpoints share one log of ``history_size`` steps (a step within max τ of several
+    checkpoints is kept once); if it overflows, the solve says to raise history_size or use
+    fewer checkpoints."""
 
     checkpoints: int = 16
 
