@@ -95,8 +95,9 @@ def unified_rhs(prob):
     return prob.rhs
 
 
-def build(prob, p, saveat, opts: Options, *, keep_all=False, extra_stops=None, capacity=None) -> Built:
+def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_stops=None, capacity=None) -> Built:
     """keep_all: record the dense output of every step (also for an ODE), never evicting.
+    ring: an ODE also keeps its last steps in a history buffer (evicting freely).
     extra_stops: more times to land on (checkpoints). capacity: history buffer size."""
     y0 = initial_state(prob, p)
     dtype = y0.dtype
@@ -109,7 +110,7 @@ def build(prob, p, saveat, opts: Options, *, keep_all=False, extra_stops=None, c
         rhs = Rhs(eval=lambda hist, t, y, left: prob.rhs(t, y, p), cap=jnp.asarray(jnp.inf, dtype),
                   max_delay=jnp.zeros((), dtype), keep_from=keep_from)
         taus, bps = None, None
-        hist0 = _history.empty(capacity, opts.tableau.degree, y0) if keep_all else None
+        hist0 = _history.empty(capacity, opts.tableau.degree, y0) if keep_all or ring else None
     else:
         taus = delays_of(prob, p, dtype)
         check_shape(jax.eval_shape(lambda: jnp.asarray(prob.history(t0, p))), y0, "history(t, p)")

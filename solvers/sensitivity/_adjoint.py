@@ -49,7 +49,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     def forward(prob, p, saveat):
         checkpoint_times = _checkpoint_times(prob, p, saveat, opts, sens) if interpolating else None
         keep_all = isinstance(sens, QuadratureAdjoint)
-        built = build(prob, p, saveat, opts, keep_all=keep_all,
+        built = build(prob, p, saveat, opts, keep_all=keep_all, ring=interpolating,
                       extra_stops=None if checkpoint_times is None else checkpoint_times[1:-1])
         cfg = opts.loop_config()
         probe_times, probe_fn, probe_shape = None, None, None
@@ -67,7 +67,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
             final = run(state, built.t1)
             residual = final.hist if keep_all else final.y
         else:
-            final, residual = _checkpointed_forward(run, state, checkpoint_times, built, opts)
+            final, residual = _checkpointed_forward(run, state, checkpoint_times, built, opts, is_dde)
         ys = check_status(final.ys, final.status, opts)
         return (ys, stats_of(final)), (residual, final.probes, checkpoint_times)
 
@@ -100,29 +100,30 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     return solve_adj(p, saveat, arrays)
 
 
-def _checkpointed_forward(run, state, checkpoint_times, built, opts):
-    """The forward solve segment by segment, keeping the loop state at each checkpoint; for a DDE
-    the history goes to the checkpoints' windows (_history.Windows) instead."""
+def _checkpointed_forward(run, state, checkpoint_times, built, opts, is_dde):
+    """The forward solve segment by segment, keeping the loop state at each checkpoint (without
+    its history buffer); a DDE's history goes to the checkpoints' windows (_history.Windows)
+    instead. The final history buffer is kept too: it still holds the last steps."""
     n = checkpoint_times.shape[0] - 1
     windows = None
-    if state.hist is not None:  # checkpoint 0's window stays empty: the solve starts without steps
+    if is_dde:  # checkpoint 0's window stays empty: the solve starts without steps
         windows = _history.empty_windows(n, opts.history_size, opts.tableau.degree, state.y)
-    light = (lambda st: st) if windows is None else (lambda st: st._replace(hist=None))
+    light = lambda st: st._replace(hist=None)
 
     def segment(carry, i):  # segment i, then checkpoint i + 1's window
         st, windows = carry
         start, st = light(st), run(st, checkpoint_times[i + 1])
-        if windows is not None:
+        if is_dde:
             windows = _history.save_window(windows, i + 1, st.hist, checkpoint_times[i + 1] - built.rhs.max_delay)
         return (st, windows), start
 
     (last, windows), states = jax.lax.scan(segment, (state, windows), jnp.arange(n - 1))
     final = run(last, checkpoint_times[n])
     states = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), states, light(last))
-    if windows is not None:
+    if is_dde:
         final = final._replace(status=jnp.where(windows.ok | (final.status != _forward.OK), final.status,
                                                 _forward.WINDOWS_FULL))
-    return final, (states, windows)
+    return final, (states, windows, final.hist)
 
 
 def _checkpoint_times(prob, p, saveat, opts, sens):
@@ -345,20 +346,26 @@ def _jump_terms(prob, p, lam_probe, fwd_probes, taus, t0, y0, f):
 
 
 def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, sweep, y0, taus):
-    """Backward over the segments in reverse; each segment's forward solution is re-solved from
-    its checkpoint (for a DDE, from the saved window of the last max τ) to the next checkpoint,
-    into one history buffer that every segment reuses."""
-    states, windows = checkpoints
+    """Backward over the segments in reverse. The last segments, those whose steps (and, for a
+    DDE, the last max τ before them) the forward's final history buffer still holds, are swept
+    straight from it: all of them when the solve took at most history_size steps. Each earlier
+    segment is re-solved from its checkpoint (for a DDE, from its window) to the next one, into
+    one buffer that every segment reuses."""
+    states, windows, ring = checkpoints
     is_dde = taus is not None
     built = build(prob, p, saveat, opts, keep_all=not is_dde, extra_stops=checkpoint_times[1:-1])
     cfg = opts.loop_config()
     n_seg = checkpoint_times.shape[0] - 1
+    max_tau = jnp.max(taus) if is_dde else jnp.zeros((), y0.dtype)
+    reach = jnp.maximum(checkpoint_times[:-1] - max_tau, built.t0)  # what segment i's sweep reads
+    held = (ring.count > 0) & (ring.t_start[ring.first] <= reach)  # true for segments first_held, ...
+    first_held = n_seg - jnp.sum(held.astype(jnp.int32))
 
     def resolve(i, work):
         c_i, c_next = checkpoint_times[i], checkpoint_times[i + 1]
         ck = jax.tree_util.tree_map(lambda a: a[i], states)
         if is_dde:
-            rhs = built.rhs._replace(keep_from=c_i - jnp.max(taus))
+            rhs = built.rhs._replace(keep_from=c_i - max_tau)
             hist = _history.load_window(work, windows, i)
         else:
             rhs, hist = built.rhs, work._replace(first=jnp.zeros_like(work.first), count=jnp.zeros_like(work.count))
@@ -366,14 +373,14 @@ def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, s
                            built.rtol, built.atol, opts.dt0)
         return fin.hist, fin.status
 
-    def segment(carry, i):
+    def segment(j, carry):
         state_b, work, status = carry
+        i = first_held - 1 - j
         hist, st = resolve(i, work)
         state_b = sweep(state_b, _Forward(prob, built.t0, hist, y0), -checkpoint_times[i])
-        return (state_b, hist, jnp.maximum(status, st)), None
+        return state_b, hist, jnp.maximum(status, st)
 
-    last = n_seg - 1
-    hist, status = resolve(last, _history.empty(opts.history_size, opts.tableau.degree, y0))
-    state_b = sweep(None, _Forward(prob, built.t0, hist, y0), -checkpoint_times[last])
-    (state_b, _, status), _ = jax.lax.scan(segment, (state_b, hist, status), jnp.arange(last - 1, -1, -1))
+    state_b = sweep(None, _Forward(prob, built.t0, ring, y0), -checkpoint_times[first_held])
+    work = _history.empty(opts.history_size, opts.tableau.degree, y0)
+    state_b, _, status = jax.lax.fori_loop(0, first_held, segment, (state_b, work, jnp.asarray(_forward.OK, jnp.int32)))
     return state_b._replace(status=jnp.where(status != _forward.OK, status, state_b.status))
