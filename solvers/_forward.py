@@ -1,4 +1,4 @@
-"""The forward integration loop (a ``lax.while_loop``) shared by ODEs and DDEs.
+"""The forward integration loop (a while loop) shared by ODEs and DDEs.
 
 Each iteration attempts one step from t: it is clipped to the next stop (breakpoint,
 save time or t1) and, for a DDE, capped at the smallest delay, so that every delayed
@@ -201,11 +201,16 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             hist=hist, acc=acc, probes=probes, accepted=accepted, rejected=rejected, rhs_evals=st.rhs_evals + evals,
             status=status.astype(jnp.int32))
 
-    if kind == "lax":
-        return lax.while_loop(cond, body, state)
+    if kind == "lax":  # buffers: under vmap a finished trajectory's writes are skipped slice by
+        # slice, instead of a select over the whole buffer (JAX's batched while) every step
+        return eqxi.while_loop(cond, body, state, kind="lax", buffers=_lax_buffers)
     return eqxi.while_loop(cond, body, state, kind="checkpointed", max_steps=cfg.max_steps, checkpoints=checkpoints,
                            buffers=lambda st: st.ys)
 
+
+
+def _lax_buffers(st: LoopState):
+    return (st.ys,) if st.hist is None else (st.ys, st.hist.coeffs)
 
 
 def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs, kind="lax"):
@@ -222,9 +227,5 @@ def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs, kind="lax
         theta = (saveat[i] - t_a) / (t_b - t_a)
         return i + 1, eqxi.buffer_at_set(ys, i, _history.horner(coeffs, theta))
 
-    if kind == "lax":
-        save_idx, ys = lax.while_loop(pending, write, (save_idx, ys))
-    else:
-        save_idx, ys = eqxi.while_loop(pending, write, (save_idx, ys), kind="checkpointed", max_steps=n_save,
-                                       buffers=lambda c: c[1])
+    save_idx, ys = eqxi.while_loop(pending, write, (save_idx, ys), kind=kind, max_steps=n_save, buffers=lambda c: c[1])
     return ys, save_idx

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 
 class History(NamedTuple):
@@ -51,7 +51,7 @@ def push(hist: History, t_a, t_b, coeffs, oldest_needed, write):
         t_end=hist.t_end.at[slot].set(keep(t_b, hist.t_end[slot])),
         # a rejected step goes to the spare last row: the update never reads the buffer, so XLA
         # updates it in place instead of copying it every step
-        coeffs=lax.dynamic_update_index_in_dim(hist.coeffs, coeffs, jnp.where(write, slot, cap), 0),
+        coeffs=eqxi.buffer_at_set(hist.coeffs, jnp.where(write, slot, cap), coeffs),
         first=jnp.where(write & full, (hist.first + 1) % cap, hist.first),
         count=jnp.where(write & ~full, hist.count + 1, hist.count),
     )
@@ -90,10 +90,18 @@ def save_window(w: Windows, i, hist: History, oldest_needed) -> Windows:
                             coeffs=log.coeffs.at[row].set(hist.coeffs[slot]))
 
     end = jnp.where(fits, hist.count, new_from)
-    log = lax.fori_loop(new_from, end, body, log)
+    log = _rows_loop(new_from, end, body, log)
     log = log._replace(count=log.count + end - new_from)
     start = _steps_before(log, oldest_needed, True)
     return Windows(log, w.start.at[i].set(start), w.stop.at[i].set(log.count), w.ok & fits)
+
+
+def _rows_loop(lo, hi, body, hist):
+    """fori_loop over k in [lo, hi) whose body writes rows of a History's arrays (as buffers:
+    under vmap a finished trajectory's writes are skipped row by row, not selected whole)."""
+    buffers = lambda c: (c[1].t_start, c[1].t_end, c[1].coeffs)
+    return eqxi.while_loop(lambda c: c[0] < hi, lambda c: (c[0] + 1, body(c[0], c[1])), (lo, hist), kind="lax",
+                           buffers=buffers)[1]
 
 
 def load_window(work: History, w: Windows, i) -> History:
@@ -106,7 +114,7 @@ def load_window(work: History, w: Windows, i) -> History:
                              t_end=work.t_end.at[k].set(w.log.t_end[start + k]),
                              coeffs=work.coeffs.at[k].set(w.log.coeffs[start + k]))
 
-    work = lax.fori_loop(0, n, body, work)
+    work = _rows_loop(0, n, body, work)
     return work._replace(first=jnp.zeros((), jnp.int32), count=n)
 
 
