@@ -54,6 +54,8 @@ class SolverConfig:
     sensitivity: str = _spec("interpolating", choices=("backprop", "forward", "backsolve", "interpolating",
                                                        "quadrature"))
     checkpoints: int = _spec(16, lo=1, doc="for backprop and interpolating")
+    history_size: int = _spec(0, lo=0, doc="DDE models: steps kept for delayed lookups (and by interpolating's "
+                                           "checkpoints together); 0: the solver's default")
     dtype: str = _spec("float64", choices=("float32", "float64"))
 
 

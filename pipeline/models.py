@@ -62,7 +62,7 @@ class Model:
         sens = make_sensitivity(s.sensitivity, s.checkpoints) if sensitivity is None else sensitivity
         return sv.solve(self.problem(ts[-1]), {"theta": theta, "sample": sample}, saveat=ts,
                         solver=make_solver(s.method), rtol=s.rtol, atol=s.atol, sensitivity=sens,
-                        max_steps=s.max_steps)
+                        max_steps=s.max_steps, history_size=s.history_size or None)
 
     def tau(self, theta):
         return theta.get("tau")

@@ -100,3 +100,25 @@ def test_differences_names_changed_keys():
     a = config.from_dict({})
     b = dataclasses.replace(a, model=dataclasses.replace(a.model, hidden=(4,)))
     assert config.differences(a, b, ("model", "data")) == ["model.hidden: (32, 32) -> (4,)"]
+
+
+def test_solver_history_size_reaches_the_solve():
+    """solver.history_size is what a DDE model's solve keeps (0: the solver's default)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from pipeline.models import build_model
+
+    raw = {"model": {"kind": "ndde"}, "data": {"system": "mackey_glass"}}
+    sample = {"x0": jnp.array([0.5]), "history": jnp.array([0.5])}
+    ts = jnp.linspace(0.0, 3.0, 4)
+    for size, fails in ((2, True), (0, False)):
+        job = config.from_dict(raw | {"solver": {"history_size": size}})
+        model = build_model(job)
+        solve = lambda: model.solve(job, model.init(jax.random.PRNGKey(0)), sample, ts).ys
+        if fails:
+            with pytest.raises(eqx.EquinoxRuntimeError, match="history buffer full: history_size=2 "):
+                solve()
+        else:
+            assert bool(jnp.all(jnp.isfinite(solve())))
