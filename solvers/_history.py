@@ -83,17 +83,19 @@ def save_window(w: Windows, i, hist: History, oldest_needed) -> Windows:
     new_from = jnp.maximum(_steps_before(hist, oldest_needed, True), _steps_before(hist, logged_until, False))
     fits = log.count + hist.count - new_from <= log.t_start.shape[0]
 
-    def body(k, log):
-        slot, row = (hist.first + k) % cap, log.count + k - new_from
-        return log._replace(t_start=log.t_start.at[row].set(hist.t_start[slot]),
-                            t_end=log.t_end.at[row].set(hist.t_end[slot]),
-                            coeffs=log.coeffs.at[row].set(hist.coeffs[slot]))
-
+    body = lambda k, log: _copy_step(log, log.count + k - new_from, hist, (hist.first + k) % cap)
     end = jnp.where(fits, hist.count, new_from)
     log = _rows_loop(new_from, end, body, log)
     log = log._replace(count=log.count + end - new_from)
     start = _steps_before(log, oldest_needed, True)
     return Windows(log, w.start.at[i].set(start), w.stop.at[i].set(log.count), w.ok & fits)
+
+
+def _copy_step(dst: History, row, src: History, slot) -> History:
+    """dst with row ``row`` set to src's stored step ``slot``."""
+    return dst._replace(t_start=dst.t_start.at[row].set(src.t_start[slot]),
+                        t_end=dst.t_end.at[row].set(src.t_end[slot]),
+                        coeffs=dst.coeffs.at[row].set(src.coeffs[slot]))
 
 
 def _rows_loop(lo, hi, body, hist):
@@ -109,12 +111,7 @@ def load_window(work: History, w: Windows, i) -> History:
     are written; the rest of ``work`` is stale and never read)."""
     start, n = w.start[i], w.stop[i] - w.start[i]
 
-    def body(k, work):
-        return work._replace(t_start=work.t_start.at[k].set(w.log.t_start[start + k]),
-                             t_end=work.t_end.at[k].set(w.log.t_end[start + k]),
-                             coeffs=work.coeffs.at[k].set(w.log.coeffs[start + k]))
-
-    work = _rows_loop(0, n, body, work)
+    work = _rows_loop(0, n, lambda k, work: _copy_step(work, k, w.log, start + k), work)
     return work._replace(first=jnp.zeros((), jnp.int32), count=n)
 
 

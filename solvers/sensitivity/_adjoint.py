@@ -67,7 +67,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
             final = run(state, built.t1)
             residual = final.hist if keep_all else final.y
         else:
-            final, residual = _checkpointed_forward(run, state, checkpoint_times, built, opts, is_dde)
+            final, residual = _checkpointed_forward(run, state, checkpoint_times, built.rhs.max_delay, opts, is_dde)
         ys = check_status(final.ys, final.status, opts)
         return (ys, stats_of(final)), (residual, final.probes, checkpoint_times)
 
@@ -100,7 +100,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     return solve_adj(p, saveat, arrays)
 
 
-def _checkpointed_forward(run, state, checkpoint_times, built, opts, is_dde):
+def _checkpointed_forward(run, state, checkpoint_times, max_delay, opts, is_dde):
     """The forward solve segment by segment, keeping the loop state at each checkpoint (without
     its history buffer); a DDE's history goes to the checkpoints' windows (_history.Windows)
     instead. The final history buffer is kept too: it still holds the last steps."""
@@ -114,7 +114,7 @@ def _checkpointed_forward(run, state, checkpoint_times, built, opts, is_dde):
         st, windows = carry
         start, st = light(st), run(st, checkpoint_times[i + 1])
         if is_dde:
-            windows = _history.save_window(windows, i + 1, st.hist, checkpoint_times[i + 1] - built.rhs.max_delay)
+            windows = _history.save_window(windows, i + 1, st.hist, checkpoint_times[i + 1] - max_delay)
         return (st, windows), start
 
     (last, windows), states = jax.lax.scan(segment, (state, windows), jnp.arange(n - 1))
@@ -356,7 +356,7 @@ def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, s
     built = build(prob, p, saveat, opts, keep_all=not is_dde, extra_stops=checkpoint_times[1:-1])
     cfg = opts.loop_config()
     n_seg = checkpoint_times.shape[0] - 1
-    max_tau = jnp.max(taus) if is_dde else jnp.zeros((), y0.dtype)
+    max_tau = built.rhs.max_delay  # 0 for an ODE
     reach = jnp.maximum(checkpoint_times[:-1] - max_tau, built.t0)  # what segment i's sweep reads
     held = (ring.count > 0) & (ring.t_start[ring.first] <= reach)  # true for segments first_held, ...
     first_held = n_seg - jnp.sum(held.astype(jnp.int32))
