@@ -52,6 +52,7 @@ class LoopState(NamedTuple):
     rejected: jax.Array
     rhs_evals: jax.Array
     status: jax.Array
+    k1_left: Any = None  # k1 was evaluated with left-sided lookups (FSAL's k_last), for Rhs.param_part
 
 
 class Rhs(NamedTuple):
@@ -64,6 +65,14 @@ class Rhs(NamedTuple):
     hist_part: tuple[int, int] | None = None  # the history stores y[a:b] of a 1-D state (dense output: y[:b])
     quadrature: Callable | None = None  # quadrature(t_a, t_b, coeffs) -> increment of LoopState.acc
     n_state: int | None = None  # y[n_state:] is a pure integral of eval's output (see _step.rk_step), never saved
+    # param_part(s, z, left, w) -> increment of LoopState.acc: Σ_r w_r g(s_r, z_r, left_r) over records
+    # (stage times, stage states, lookup sides, h·b_i of accepted steps, 0 otherwise), taken every
+    # PARAM_CHUNK iterations instead of integrating g at every stage (see run)
+    param_part: Callable | None = None
+    param_nodes: tuple | None = None  # (θ_k, w_k): records at θ_k of each step's dense output, not its stages
+
+
+PARAM_CHUNK = 8
 
 
 def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, hist0, acc0=None,
@@ -89,7 +98,7 @@ def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, h
         save_idx=at_t0.astype(jnp.int32), hist=hist0, acc=acc0,
         probes=None if probe_shape is None else jnp.zeros(probe_shape, dtype), accepted=jnp.zeros((), jnp.int32),
         rejected=jnp.zeros((), jnp.int32), rhs_evals=jnp.asarray(evals, jnp.int32),
-        status=jnp.asarray(OK, jnp.int32))
+        status=jnp.asarray(OK, jnp.int32), k1_left=jnp.asarray(False))
 
 
 def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_bp, rtol, atol, dt0,
@@ -112,7 +121,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
     def cond(st):
         return (st.t < t1) & (st.status == OK)
 
-    def body(st: LoopState) -> LoopState:
+    def advance(st: LoopState):
+        """One step attempt: the new state and (t, h, accept, the StepResult)."""
         t, y = st.t, st.y
         i = jnp.searchsorted(stops, t, side="right")
         stop, stop_bp = stops[i], stop_is_bp[i]
@@ -181,9 +191,11 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
                 recompute = recompute | hit
             k1 = lax.cond(recompute, lambda: rhs.eval(hist, t_new, y_new, False), lambda: step.k_last)
             k1 = jnp.where(accept, k1, st.k1)
+            k1_left = jnp.where(accept, ~recompute, st.k1_left)
             evals = tab.stages - 1 + recompute.astype(jnp.int32)
         else:
             k1 = rhs.eval(hist, t_new, y_new, False)
+            k1_left = jnp.asarray(False)
             evals = tab.stages
 
         accepted = st.accepted + accept.astype(jnp.int32)
@@ -199,14 +211,63 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             t=t_new, y=y_new, k1=k1, h=h_new, prev_err=jnp.where(accept, prev_err, st.prev_err),
             last_rejected=~accept, nonfinite=~finite, ys=ys, save_idx=save_idx,
             hist=hist, acc=acc, probes=probes, accepted=accepted, rejected=rejected, rhs_evals=st.rhs_evals + evals,
-            status=status.astype(jnp.int32))
+            status=status.astype(jnp.int32), k1_left=k1_left), (t, h, accept, step)
 
+    def body(st: LoopState) -> LoopState:
+        return advance(st)[0]
+
+    if rhs.param_part is not None:
+        return _run_chunked(cond, advance, state, rhs, tab)
     if kind == "lax":  # buffers: under vmap a finished trajectory's writes are skipped slice by
         # slice, instead of a select over the whole buffer (JAX's batched while) every step
         return eqxi.while_loop(cond, body, state, kind="lax", buffers=_lax_buffers)
     return eqxi.while_loop(cond, body, state, kind="checkpointed", max_steps=cfg.max_steps, checkpoints=checkpoints,
                            buffers=lambda st: st.ys)
 
+
+
+def _run_chunked(cond, advance, state, rhs, tab):
+    """The loop in chunks of PARAM_CHUNK iterations that record each accepted step's stages;
+    Rhs.param_part folds a chunk's records into LoopState.acc at once. Under vmap each
+    trajectory's accumulator is then read and written once per chunk, not at every stage."""
+    dtype, K = state.y.dtype, PARAM_CHUNK
+    cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
+    if rhs.param_nodes is None:  # the stages with b_i ≠ 0
+        used = [i for i, b in enumerate(tab.b) if b != 0.0]
+        c, b = (jnp.asarray([row[i] for i in used], dtype) for row in (tab.c, tab.b))
+    else:
+        c, b = (jnp.asarray(v, dtype) for v in rhs.param_nodes)
+    R = c.shape[0]
+
+    def records(st, t, h, accept, step):
+        if rhs.param_nodes is None:
+            xs = jnp.stack([step.x_stages[j] for j in used])
+            left = jnp.stack([st.k1_left if j == 0 else jnp.asarray(True) for j in used])
+        else:
+            xs = jnp.stack([cut(_history.horner(step.coeffs, th)) for th in rhs.param_nodes[0]])
+            left = jnp.ones((R,), bool)
+        xs = jnp.where(accept, xs, step.x_stages[0])  # a rejected step's stages may not be finite
+        return t + c * h, xs, left, jnp.where(accept, h * b, 0.0)
+
+    def chunk(st):
+        x0 = cut(st.y)
+        rec = (jnp.full((K, R), st.t), jnp.broadcast_to(x0, (K, R) + x0.shape),
+               jnp.ones((K, R), bool), jnp.zeros((K, R), dtype))
+
+        def step(carry):
+            st, rec, i = carry
+            new, (t, h, accept, step) = advance(st)
+            row = records(st, t, h, accept, step)
+            rec = tuple(eqxi.buffer_at_set(buf, i, v) for buf, v in zip(rec, row))
+            return new, rec, i + 1
+
+        st, rec, n = eqxi.while_loop(lambda cr: cond(cr[0]) & (cr[2] < K), step, (st, rec, jnp.zeros((), jnp.int32)),
+                                     kind="lax", buffers=lambda cr: _lax_buffers(cr[0]) + cr[1])
+        w = jnp.where(jnp.arange(K)[:, None] < n, rec[3], 0.0)
+        flat = lambda a: a.reshape((-1,) + a.shape[2:])
+        return st._replace(acc=st.acc + rhs.param_part(flat(rec[0]), flat(rec[1]), flat(rec[2]), flat(w)))
+
+    return eqxi.while_loop(cond, chunk, state, kind="lax", buffers=_lax_buffers)
 
 
 def _lax_buffers(st: LoopState):

@@ -123,6 +123,14 @@ def horner(coeffs, theta):
     return acc
 
 
+def before(a, q, left):
+    """a < q for a left-sided lookup, a <= q otherwise; ``left`` a Python bool or a traced one
+    (the parameter quadrature's records carry it as data)."""
+    if isinstance(left, bool):
+        return (a < q) if left else (a <= q)
+    return jnp.where(left, a < q, a <= q)
+
+
 def _steps_before(hist: History, q, left: bool):
     """Number of stored steps that end before q (strictly for left lookups).
 
@@ -132,8 +140,7 @@ def _steps_before(hist: History, q, left: bool):
     ran 2x slower at power-of-two capacities)."""
     cap = hist.t_end.shape[0]
     stored = (jnp.arange(cap) - hist.first) % cap < hist.count
-    before = (hist.t_end < q) if left else (hist.t_end <= q)
-    return jnp.sum(stored & before, dtype=jnp.int32)
+    return jnp.sum(stored & before(hist.t_end, q, left), dtype=jnp.int32)
 
 
 def lookup(hist: History, q, left: bool):

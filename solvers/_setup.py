@@ -84,7 +84,7 @@ def lagged_values(prob: DDEProblem, p, taus, t0, hist, t, left, like):
     history = lambda q: jnp.asarray(prob.history(q, p), like.dtype)
     from_hist = jax.vmap(history)(qs)
     from_buf = jax.vmap(lambda q: _history.lookup(hist, q, left))(qs)
-    in_hist = (qs <= t0) if left else (qs < t0)
+    in_hist = ~_history.before(t0, qs, left)  # qs <= t0 (left), qs < t0 (right)
     return jnp.where(jnp.reshape(in_hist, (m,) + (1,) * like.ndim), from_hist, from_buf)
 
 

@@ -15,6 +15,7 @@ class StepResult(NamedTuple):
     err: jax.Array | None
     k_last: jax.Array  # last stage: f(t1, y1) for FSAL tableaus
     coeffs: jax.Array  # (degree + 1, *shape): y0 then θ^1..θ^deg coefficients
+    x_stages: list  # the state part of each stage's input (the first: y's)
 
 
 def _combine(weights, ks):
@@ -44,9 +45,10 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None) -> 
     cut = (lambda k: k) if n_state is None else (lambda k: k[:n_state])
     x = cut(y)
     ks, kx = [k1], [cut(k1)]  # every stage, and its state part
-    x_stage = x
+    x_stage, x_stages = x, [x]
     for i, row in enumerate(tab.a, start=1):
         x_stage = x + h * _combine(cast(row), kx)
+        x_stages.append(x_stage)
         ks.append(f(t + jnp.asarray(tab.c[i], dtype) * h, x_stage))
         kx.append(cut(ks[-1]))
     x1 = x_stage if tab.fsal else x + h * _combine(cast(tab.b), kx)
@@ -58,4 +60,4 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None) -> 
     if n_dense is not None and n_dense != n_state:
         x, kx = y[:n_dense], [k[:n_dense] for k in ks]
     dense = [h * _combine(cast([row[p] for row in tab.dense]), kx) for p in range(tab.degree)]
-    return StepResult(y1, err, ks[-1], jnp.stack([x] + dense))
+    return StepResult(y1, err, ks[-1], jnp.stack([x] + dense), x_stages)

@@ -123,6 +123,44 @@ def test_value_and_grad_in_jit_and_vmap_match_a_loop(sensitivity):
         np.testing.assert_allclose(batched[1]["tau"][i], grad["tau"], rtol=1e-9)
 
 
+def _mlp_hamiltonian_problem(x0):
+    def H(x, p):
+        h = jnp.tanh(x @ p["w1"] + p["b1"])
+        return jnp.sum(h @ p["w2"])
+
+    return sv.ODEProblem(sv.GradientField(H, sv.canonical_hamiltonian_j(2)), x0, 0.0, 3.0)
+
+
+@pytest.mark.parametrize("sensitivity", [sv.BacksolveAdjoint(), sv.InterpolatingAdjoint(checkpoints=2),
+                                         sv.QuadratureAdjoint()], ids=ids)
+def test_vmapped_trajectories_take_the_chunked_parameter_integral_and_match_a_loop(sensitivity, monkeypatch):
+    """Under vmap (parameters shared, one initial state per trajectory) the continuous adjoints
+    fold ∫ f_pᵀλ in per chunk of steps (_forward._run_chunked) instead of at every stage: the
+    summed gradient and the per-trajectory gradients equal those of one solve at a time."""
+    from solvers import _forward
+
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
+    p = {"w1": jax.random.normal(k1, (2, 8)), "b1": jax.random.normal(k2, (8,)) * 0.1,
+         "w2": jax.random.normal(k3, (8, 1)) / 3}
+    x0s = jnp.array([[0.3, -0.2], [1.0, 0.5], [-0.7, 0.1]])
+    obs = jnp.linspace(0.5, 3.0, 6)
+    L = lambda p, x0: jnp.sum(sv.solve(_mlp_hamiltonian_problem(x0), p, saveat=obs, rtol=1e-9, atol=1e-11,
+                                       sensitivity=sensitivity).ys ** 2)
+    calls = []
+    chunked = _forward._run_chunked
+    monkeypatch.setattr(_forward, "_run_chunked", lambda *a: calls.append(1) or chunked(*a))
+    one_at_a_time = [jax.jit(jax.grad(L))(p, x0) for x0 in x0s]
+    assert not calls  # no vmap: the parameter integral rides along at every stage
+    summed = jax.jit(jax.grad(lambda p: jnp.sum(jax.vmap(L, in_axes=(None, 0))(p, x0s))))(p)
+    per_trajectory = jax.jit(jax.vmap(jax.grad(L), in_axes=(None, 0)))(p, x0s)
+    assert calls
+    close = lambda a, b: float(jnp.max(jnp.abs(a - b))) <= 1e-10 * float(jnp.max(jnp.abs(b)))  # same steps, another sum order
+    for k in p:
+        assert close(summed[k], sum(g[k] for g in one_at_a_time)), k
+        for i, g in enumerate(one_at_a_time):
+            assert close(per_trajectory[k][i], g[k]), (k, i)
+
+
 @pytest.mark.parametrize("sensitivity", ODE_METHODS, ids=ids)
 def test_float32_gradients(refcases, sensitivity):
     case = refcases["A_cont"]
