@@ -13,6 +13,7 @@ from typing import NamedTuple
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class History(NamedTuple):
@@ -139,8 +140,27 @@ def _steps_before(hist: History, q, left: bool):
     consumers of the looked-up slot and redid it for every state component (the DDE forward
     ran 2x slower at power-of-two capacities)."""
     cap = hist.t_end.shape[0]
+    if cap > SEARCH_ABOVE:
+        return _search_before(hist, q, left)
     stored = (jnp.arange(cap) - hist.first) % cap < hist.count
     return jnp.sum(stored & before(hist.t_end, q, left), dtype=jnp.int32)
+
+
+SEARCH_ABOVE = 1024
+
+
+def _search_before(hist: History, q, left):
+    """_steps_before by bisection over the stored steps in time order (log2 capacity reads)."""
+    cap = hist.t_end.shape[0]
+
+    def halve(_, lo_hi):
+        lo, hi = lo_hi  # the answer lies in [lo, hi]
+        mid = (lo + hi) // 2
+        go_right = (mid < hist.count) & before(hist.t_end[(hist.first + mid) % cap], q, left)
+        return jnp.where(go_right, mid + 1, lo), jnp.where(go_right, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, int(np.ceil(np.log2(cap + 1))), halve, (jnp.zeros((), jnp.int32), hist.count))
+    return lo
 
 
 def lookup(hist: History, q, left: bool):

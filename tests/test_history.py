@@ -44,10 +44,13 @@ def test_history_slope_and_a_rejected_step_in_a_full_buffer():
 
 
 @pytest.mark.parametrize("cap", [4, 5, 8])
-def test_step_count_before_a_time_in_a_wrapped_ring(cap):
+@pytest.mark.parametrize("search_above", [1024, 0], ids=["count", "bisection"])
+def test_step_count_before_a_time_in_a_wrapped_ring(cap, search_above, monkeypatch):
     """The count of stored steps ending before q (strictly for left lookups) matches a sorted
     search over the stored steps, with the ring wrapped and q on and between step ends; a
-    lookup on a step boundary reads the left or the right step as asked."""
+    lookup on a step boundary reads the left or the right step as asked. Both ways of counting
+    (a reduction over the buffer; bisection, used above SEARCH_ABOVE slots)."""
+    monkeypatch.setattr(_history, "SEARCH_ABOVE", search_above)
     ends = [0.0, 0.5, 1.25, 1.5, 2.5, 3.0, 3.75]  # 6 steps: a ring of 4 or 5 has wrapped
     hist = _ring(cap, ends)
     stored = np.array(ends[1:])[-min(cap, 6):]
