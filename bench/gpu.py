@@ -81,6 +81,14 @@ def _compiled(fns, params):
     return out
 
 
+def _section(title, columns, fns, params):
+    """Emit a section's title and table header, compile every case, time them in shared rounds."""
+    for line in ("", title, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)):
+        emit(line)
+    ok = _compiled(fns, params)
+    return ok, interleaved_times({n: f for n, (f, _) in ok.items()}, params, rounds=ROUNDS)
+
+
 def ceilings():
     n = int(os.environ.get("GPU_BENCH_MATMUL", "8192"))
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
@@ -128,14 +136,11 @@ def hnn(B, peak):
     evals = int(stats["rhs_evals"])
     f_rhs = _flops(lambda x, p: rhs(0.0, x, p), x0, params)
     f_vjp = _flops(lambda x, p, v: jax.vjp(lambda x, p: rhs(0.0, x, p), x, p)[1](v), x0, params, x0)
-    emit()
-    emit(f"## HNN, B = {B} (one batched system; ndde {int(stats['steps'])} steps, {evals} rhs evaluations; "
-         f"diffrax {n_dfx} steps; one rhs {f_rhs / 1e9:.3f} GFLOP, one rhs VJP {f_vjp / 1e9:.3f} GFLOP)")
-    emit()
-    emit("| case | median (ms) | compile (s) | / diffrax RCA (paired) | rel. diff to diffrax RCA | useful TFLOP/s (% of matmul ceiling) |")
-    emit("|---|---|---|---|---|---|")
-    ok = _compiled(fns, params)
-    times = interleaved_times({n: f for n, (f, _) in ok.items()}, params, rounds=ROUNDS)
+    ok, times = _section(f"## HNN, B = {B} (one batched system; ndde {int(stats['steps'])} steps, {evals} rhs "
+                         f"evaluations; diffrax {n_dfx} steps; one rhs {f_rhs / 1e9:.3f} GFLOP, one rhs VJP "
+                         f"{f_vjp / 1e9:.3f} GFLOP)",
+                         ["case", "median (ms)", "compile (s)", "/ diffrax RCA (paired)", "rel. diff to diffrax RCA",
+                          "useful TFLOP/s (% of matmul ceiling)"], fns, params)
     g_ref = ok[ref][0](params) if ref in ok else None
     for name, (fn, comp) in ok.items():
         t = statistics.median(times[name])
@@ -162,14 +167,9 @@ def dde(B):
                jax.jit(jax.grad(lambda p: loss(solve(p, sv.InterpolatingAdjoint(checkpoints=4))))),
            ref: jax.jit(jax.grad(lambda p: loss(scan(p))))}
     stats = jax.jit(lambda p: sv.solve(prob, p, rtol=1e-5, atol=1e-7).stats)(params)
-    emit()
-    emit(f"## Neural DDE, B = {B} (ndde rtol 1e-5: {int(stats['steps'])} steps, {int(stats['rhs_evals'])} rhs "
-         f"evaluations; scan: 320 steps × 4 evaluations)")
-    emit()
-    emit("| case | median (ms) | compile (s) | / RK4 scan (paired) | rel. diff to scan |")
-    emit("|---|---|---|---|---|")
-    ok = _compiled(fns, params)
-    times = interleaved_times({n: f for n, (f, _) in ok.items()}, params, rounds=ROUNDS)
+    ok, times = _section(f"## Neural DDE, B = {B} (ndde rtol 1e-5: {int(stats['steps'])} steps, "
+                         f"{int(stats['rhs_evals'])} rhs evaluations; scan: 320 steps × 4 evaluations)",
+                         ["case", "median (ms)", "compile (s)", "/ RK4 scan (paired)", "rel. diff to scan"], fns, params)
     outs = {n: f(params) for n, (f, _) in ok.items()}
     for name, (fn, comp) in ok.items():
         t = statistics.median(times[name])
