@@ -225,7 +225,6 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
                            buffers=lambda st: st.ys)
 
 
-
 def _run_chunked(cond, advance, state, rhs, tab):
     """The loop in chunks of PARAM_CHUNK iterations that record each accepted step's stages;
     Rhs.param_part folds a chunk's records into LoopState.acc at once. Under vmap each
