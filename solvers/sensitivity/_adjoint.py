@@ -364,8 +364,13 @@ def _under_forward_mode(*arrays) -> bool:
 def _under_vmap(*trees) -> bool:
     """The backward pass is traced under jax.vmap (seen only when vmap is applied outside the
     gradient's trace; a vmap of an already traced jit gets the per-stage form, same values)."""
-    # a batching tracer (jax's BatchTracer, not public) is the tracer with a batch dimension
-    return any(isinstance(a, jax.core.Tracer) and hasattr(a, "batch_dim") for a in jax.tree_util.tree_leaves(trees))
+    def batched(a):  # jax's BatchTracer (not public) is the tracer with a batch dimension; under
+        # jax.jvp (a Hessian-vector product) it sits inside the JVP tracer's primal or tangent
+        if not isinstance(a, jax.core.Tracer):
+            return False
+        return hasattr(a, "batch_dim") or any(batched(getattr(a, f, None)) for f in ("primal", "tangent"))
+
+    return any(batched(a) for a in jax.tree_util.tree_leaves(trees))
 
 
 def _jump_terms(prob, p, lam_probe, fwd_probes, taus, t0, y0, f):
