@@ -67,7 +67,7 @@ class Rhs(NamedTuple):
     n_state: int | None = None  # y[n_state:] is a pure integral of eval's output (see _step.rk_step), never saved
     # param_part(s, z, left, w) -> increment of LoopState.acc: Σ_r w_r g(s_r, z_r, left_r) over records
     # (stage times, stage states, lookup sides, h·b_i of accepted steps, 0 otherwise), taken every
-    # PARAM_CHUNK iterations instead of integrating g at every stage (see run)
+    # PARAM_CHUNK iterations instead of integrating g at every stage (see _run_chunked)
     param_part: Callable | None = None
     param_nodes: tuple | None = None  # (θ_k, w_k): records at θ_k of each step's dense output, not its stages
 

@@ -123,6 +123,16 @@ def test_value_and_grad_in_jit_and_vmap_match_a_loop(sensitivity):
         np.testing.assert_allclose(batched[1]["tau"][i], grad["tau"], rtol=1e-9)
 
 
+@pytest.fixture
+def chunked_calls(monkeypatch):
+    """A list that grows each time a loop runs with the chunked parameter integral."""
+    from solvers import _forward
+
+    calls, chunked = [], _forward._run_chunked
+    monkeypatch.setattr(_forward, "_run_chunked", lambda *a: calls.append(1) or chunked(*a))
+    return calls
+
+
 def _mlp_hamiltonian_problem(x0):
     def H(x, p):
         h = jnp.tanh(x @ p["w1"] + p["b1"])
@@ -133,12 +143,10 @@ def _mlp_hamiltonian_problem(x0):
 
 @pytest.mark.parametrize("sensitivity", [sv.BacksolveAdjoint(), sv.InterpolatingAdjoint(checkpoints=2),
                                          sv.QuadratureAdjoint()], ids=ids)
-def test_vmapped_trajectories_take_the_chunked_parameter_integral_and_match_a_loop(sensitivity, monkeypatch):
+def test_vmapped_trajectories_take_the_chunked_parameter_integral_and_match_a_loop(sensitivity, chunked_calls):
     """Under vmap (parameters shared, one initial state per trajectory) the continuous adjoints
     fold ∫ f_pᵀλ in per chunk of steps (_forward._run_chunked) instead of at every stage: the
     summed gradient and the per-trajectory gradients equal those of one solve at a time."""
-    from solvers import _forward
-
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(3), 3)
     p = {"w1": jax.random.normal(k1, (2, 8)), "b1": jax.random.normal(k2, (8,)) * 0.1,
          "w2": jax.random.normal(k3, (8, 1)) / 3}
@@ -146,14 +154,11 @@ def test_vmapped_trajectories_take_the_chunked_parameter_integral_and_match_a_lo
     obs = jnp.linspace(0.5, 3.0, 6)
     L = lambda p, x0: jnp.sum(sv.solve(_mlp_hamiltonian_problem(x0), p, saveat=obs, rtol=1e-9, atol=1e-11,
                                        sensitivity=sensitivity).ys ** 2)
-    calls = []
-    chunked = _forward._run_chunked
-    monkeypatch.setattr(_forward, "_run_chunked", lambda *a: calls.append(1) or chunked(*a))
     one_at_a_time = [jax.jit(jax.grad(L))(p, x0) for x0 in x0s]
-    assert not calls  # no vmap: the parameter integral rides along at every stage
+    assert not chunked_calls  # no vmap: the parameter integral rides along at every stage
     summed = jax.jit(jax.grad(lambda p: jnp.sum(jax.vmap(L, in_axes=(None, 0))(p, x0s))))(p)
     per_trajectory = jax.jit(jax.vmap(jax.grad(L), in_axes=(None, 0)))(p, x0s)
-    assert calls
+    assert chunked_calls
     close = lambda a, b: float(jnp.max(jnp.abs(a - b))) <= 1e-10 * float(jnp.max(jnp.abs(b)))  # same steps, another sum order
     for k in p:
         assert close(summed[k], sum(g[k] for g in one_at_a_time)), k
@@ -163,11 +168,9 @@ def test_vmapped_trajectories_take_the_chunked_parameter_integral_and_match_a_lo
 
 @pytest.mark.parametrize("sensitivity", [sv.BacksolveAdjoint(), sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()],
                          ids=ids)
-def test_vmapped_hessian_vector_products_take_the_chunked_path(sensitivity, monkeypatch):
+def test_vmapped_hessian_vector_products_take_the_chunked_path(sensitivity, chunked_calls):
     """vmap of jax.jvp(jax.grad(...)): the batch tracer sits inside the JVP tracer, and the
     backward pass still sees it (chunked parameter integral); values equal a loop."""
-    from solvers import _forward
-
     p = {"w1": jnp.array([[0.5, -0.3, 0.8], [0.2, 0.7, -0.4]]), "b1": jnp.array([0.1, -0.2, 0.05]),
          "w2": jnp.array([[0.6], [-0.5], [0.3]])}
     v = jax.tree_util.tree_map(lambda a: 0.1 * jnp.ones_like(a), p)
@@ -175,11 +178,8 @@ def test_vmapped_hessian_vector_products_take_the_chunked_path(sensitivity, monk
     L = lambda p, x0: jnp.sum(sv.solve(_mlp_hamiltonian_problem(x0), p, saveat=jnp.linspace(0.5, 3.0, 4), rtol=1e-10,
                                        atol=1e-12, sensitivity=sensitivity).ys ** 2)
     hvp = lambda x0: jax.jvp(lambda q: jax.grad(L)(q, x0), (p,), (v,))[1]
-    calls = []
-    chunked = _forward._run_chunked
-    monkeypatch.setattr(_forward, "_run_chunked", lambda *a: calls.append(1) or chunked(*a))
     batched = jax.jit(jax.vmap(hvp))(x0s)
-    assert calls
+    assert chunked_calls
     for i, x0 in enumerate(x0s):
         one = hvp(x0)
         for k in p:
