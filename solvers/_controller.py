@@ -23,9 +23,6 @@ class ConstantStepSize:
     def init_state(self, dtype):
         return jnp.asarray(1.0, dtype)
 
-    def accepts(self, err):
-        return jnp.asarray(True)
-
     def adapt(self, h, h_default, err, last_rejected, prev_err, error_order):
         return jnp.asarray(True), h_default, prev_err
 
@@ -54,17 +51,13 @@ class PIController:
     def init_state(self, dtype):
         return jnp.asarray(1e-4, dtype)
 
-    def accepts(self, err):
-        """Whether a step with this error norm is kept (the loop also requires a finite state)."""
-        return jnp.isfinite(err) & (err <= 1.0)
-
     def adapt(self, h, h_default, err, last_rejected, prev_err, error_order):
         q1 = error_order + 1
         beta = self.beta_scale / q1
         alpha = 1.0 / q1 - 0.75 * beta
         finite = jnp.isfinite(err)
         err_safe = jnp.where(finite, jnp.maximum(err, 1e-10), 1.0)
-        accept = self.accepts(err)
+        accept = finite & (err <= 1.0)
         grow = self.safety * err_safe ** (-alpha) * prev_err ** beta
         max_f = jnp.where(last_rejected, 1.0, self.max_factor)
         fac_ok = jnp.clip(grow, self.min_factor, max_f)

@@ -20,7 +20,7 @@ from jax import lax
 
 from . import _history
 from ._controller import error_norm, initial_step
-from ._step import gated_step, rk_step
+from ._step import rk_step
 from ._tableau import ButcherTableau
 
 OK, MAX_STEPS, UNDERFLOW, NONFINITE, HISTORY_FULL, WINDOWS_FULL = range(6)
@@ -53,6 +53,7 @@ class LoopState(NamedTuple):
     rhs_evals: jax.Array
     status: jax.Array
     k1_left: Any = None  # k1 was evaluated with left-sided lookups (FSAL's k_last), for Rhs.param_part
+    overflowed: Any = None  # a rejected attempt had a non-finite stage (see _solve.refuse_nan_backprop)
 
 
 class Rhs(NamedTuple):
@@ -98,7 +99,7 @@ def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, h
         save_idx=at_t0.astype(jnp.int32), hist=hist0, acc=acc0,
         probes=None if probe_shape is None else jnp.zeros(probe_shape, dtype), accepted=jnp.zeros((), jnp.int32),
         rejected=jnp.zeros((), jnp.int32), rhs_evals=jnp.asarray(evals, jnp.int32),
-        status=jnp.asarray(OK, jnp.int32), k1_left=jnp.asarray(False))
+        status=jnp.asarray(OK, jnp.int32), k1_left=jnp.asarray(False), overflowed=jnp.asarray(False))
 
 
 def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_bp, rtol, atol, dt0,
@@ -130,25 +131,16 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         land = (stop - t) <= jnp.minimum(1.01 * h_try, rhs.cap)
         h = jnp.where(land, stop - t, h_try)
         t_next = jnp.where(land, stop, t + h)
-        n_dense = None if rhs.hist_part is None else rhs.hist_part[1]
-        cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
-
-        def step_and_verdict(hist, t, y, h, k1):
-            step = rk_step(tab, lambda s, z: rhs.eval(hist, s, z, True), t, y, h, k1, rhs.n_state, n_dense)
-            finite = jnp.all(jnp.isfinite(step.y1))
-            err = (error_norm(step.err, cut(y), cut(step.y1), rtol, atol) if tab.adaptive
-                   else jnp.where(finite, 0.0, jnp.inf))
-            return (step, err), cfg.controller.accepts(err) & finite
-
-        if kind == "checkpointed":  # reverse mode differentiates only the steps the loop keeps
-            (step, err), accept = gated_step(step_and_verdict, st.hist, t, y, h, st.k1)
-        else:
-            (step, err), accept = step_and_verdict(st.hist, t, y, h, st.k1)
+        step = rk_step(tab, lambda s, z: rhs.eval(st.hist, s, z, True), t, y, h, st.k1, rhs.n_state,
+                       None if rhs.hist_part is None else rhs.hist_part[1])
         y1 = step.y1
         finite = jnp.all(jnp.isfinite(y1))
-        err = lax.stop_gradient(err)  # only the step size depends on it, and that carries no derivative
-        _, h_new, prev_err = cfg.controller.adapt(h, h_default, err, st.last_rejected,
-                                                  st.prev_err, tab.error_order or tab.order)
+        cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
+        err = (error_norm(step.err, cut(y), cut(y1), rtol, atol) if tab.adaptive
+               else jnp.where(finite, 0.0, jnp.inf))
+        accept, h_new, prev_err = cfg.controller.adapt(h, h_default, err, st.last_rejected,
+                                                       st.prev_err, tab.error_order or tab.order)
+        accept = accept & finite
         h_new = jnp.where(accept & land, jnp.maximum(h_new, st.h), h_new)
         h_new = lax.stop_gradient(h_new)
 
@@ -220,7 +212,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             t=t_new, y=y_new, k1=k1, h=h_new, prev_err=jnp.where(accept, prev_err, st.prev_err),
             last_rejected=~accept, nonfinite=~finite, ys=ys, save_idx=save_idx,
             hist=hist, acc=acc, probes=probes, accepted=accepted, rejected=rejected, rhs_evals=st.rhs_evals + evals,
-            status=status.astype(jnp.int32), k1_left=k1_left), (t, h, accept, step)
+            status=status.astype(jnp.int32), k1_left=k1_left,
+            overflowed=st.overflowed | (~accept & ~(finite & jnp.isfinite(err)))), (t, h, accept, step)
 
     def body(st: LoopState) -> LoopState:
         return advance(st)[0]

@@ -7,6 +7,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from . import _forward
 from ._controller import ConstantStepSize, PIController
@@ -47,6 +48,31 @@ def _error_messages(max_steps: int, history_size: int) -> list[str]:
 
 def check_status(x, status, opts: Options):
     return eqx.branched_error_if(x, status != OK, status, _error_messages(opts.max_steps, opts.history_size))
+
+
+@jax.custom_vjp
+def refuse_nan_backprop(ys, overflowed):
+    """ys; its reverse pass stops with a clear error when a rejected step attempt of the forward
+    loop overflowed (a stage of ±inf or NaN): Backprop's VJP of that attempt multiplies its zero
+    cotangent by the infinite stage derivatives and every gradient would come out NaN.
+    (Skipping those VJPs was measured: a lax.cond costs nothing alone but under vmap it batches
+    every operand, 1.23x -> 3.25x the batched system; zeroing non-finite residuals costs 15-20%.)"""
+    return ys
+
+
+def _refuse_fwd(ys, overflowed):
+    return ys, overflowed
+
+
+def _refuse_bwd(overflowed, ct):
+    ct = eqx.error_if(ct, overflowed, "ndde: Backprop cannot differentiate this solve: a rejected step attempt "
+                      "overflowed (a stage of inf or NaN), and reverse mode through it makes every gradient "
+                      "NaN. Start with a smaller step (solve(..., dt0=...)) or use InterpolatingAdjoint(), "
+                      "QuadratureAdjoint() or ForwardMode(), which do not differentiate rejected attempts.")
+    return ct, None
+
+
+refuse_nan_backprop.defvjp(_refuse_fwd, _refuse_bwd)
 
 
 def _check_positive(name, value):
@@ -133,6 +159,7 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     if isinstance(sensitivity, Backprop):
         final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=sensitivity.checkpoints)
         ys, stats = check_status(final.ys, final.status, opts), stats_of(final)
+        ys = refuse_nan_backprop(ys, lax.stop_gradient(final.overflowed))
     elif isinstance(sensitivity, ForwardMode):
         from .sensitivity._forward_mode import forward_mode_solve
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax import lax
 
 from ._tableau import ButcherTableau
 
@@ -64,42 +61,3 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None) -> 
         x, kx = y[:n_dense], [k[:n_dense] for k in ks]
     dense = [h * _combine(cast([row[p] for row in tab.dense]), kx) for p in range(tab.degree)]
     return StepResult(y1, err, ks[-1], jnp.stack([x] + dense), x_stages)
-
-
-def gated_step(step_and_verdict, hist, t, y, h, k1):
-    """``step_and_verdict(hist, t, y, h, k1) -> (outputs, kept)`` (kept: a bool from the primal
-    values, whether the loop keeps the step) with tangents that are exact zeros where the step is
-    discarded, and the step's linearization evaluated only where it is kept (``lax.cond``; a
-    select under vmap). Reverse mode through the loop (Backprop) so transposes only the kept
-    steps: a rejected step costs no VJP, and one whose stages overflowed gives zeros, not
-    0 · inf = NaN."""
-    args = (hist, t, y, h, k1)
-    # the step closes over p: hoist it (and every other traced float) so that it gets a tangent
-    converted, consts = jax.closure_convert(lambda a: step_and_verdict(*a), args)
-    leaves, tree = jax.tree.flatten((args, consts))
-    is_float = [jnp.issubdtype(jnp.result_type(v), jnp.inexact) for v in leaves]
-    floats = [v for v, fl in zip(leaves, is_float) if fl]
-    others = [v for v, fl in zip(leaves, is_float) if not fl]
-
-    def fn(floats, others):
-        it_f, it_o = iter(floats), iter(others)
-        args, consts = jax.tree.unflatten(tree, [next(it_f) if fl else next(it_o) for fl in is_float])
-        return converted(args, *consts)
-
-    return _gated(fn, floats, others)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _gated(fn, floats, others):
-    return fn(floats, others)
-
-
-@_gated.defjvp
-def _gated_jvp(fn, primals, tangents):
-    floats, others = primals
-    d_floats = tangents[0]
-    out, linear, kept = jax.linearize(lambda fl: fn(fl, others), floats, has_aux=True)
-    zeros = lambda _: jax.tree.map(jnp.zeros_like, out)
-    d_out = lax.cond(kept, linear, zeros, d_floats)
-    return (out, kept), (d_out, np.zeros(np.shape(kept), jax.dtypes.float0))
-

@@ -39,8 +39,7 @@ def _check_checkpoints(owner, value, allow_none):
 class Backprop(AbstractSensitivity):
     """Reverse-mode through the solver's accepted steps (equinox's online-checkpointed
     while loop, Griewank's treeverse). ``checkpoints``: number of stored loop states
-    (None: chosen from max_steps, O(log max_steps) recomputation). Rejected step attempts are
-    not differentiated (exact zeros; see _step.gated_step)."""
+    (None: chosen from max_steps, O(log max_steps) recomputation)."""
 
     checkpoints: int | None = None
 
