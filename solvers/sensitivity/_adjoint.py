@@ -83,13 +83,14 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         return check_status(final.ys, final.status, opts), stats_of(final)
 
     def fwd(p, saveat, arrays):
+        wrt_saveat = _closure.saveat_perturbed(saveat, prob)
         p, saveat = _closure.values(p), _closure.values(saveat)
         diff, const = _closure.by_perturbation(arrays, static)
         out, residual = forward(_closure.rebuild(diff, const, static), p, saveat)
-        return out, (p, saveat, diff, const, residual)
+        return out, (p, saveat, diff, const, residual, (wrt_saveat, out[0] if wrt_saveat else None))
 
     def bwd(res, ct):
-        p, saveat, diff, const, (residual, fwd_probes, checkpoint_times) = res
+        p, saveat, diff, const, (residual, fwd_probes, checkpoint_times), (wrt_saveat, ys) = res
         lift = _closure.has_diff(diff)
         if lift:  # gradients for the problem's differentiated arrays too: parameters (p, diff)
             prob_b, p_b = _closure.lifted(diff, const, static), (p, diff)
@@ -98,7 +99,9 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         grad = _backward(prob_b, p_b, saveat, _closure.instantiate(ct[0]), residual, fwd_probes, opts, sens,
                          is_dde, checkpoint_times)
         grad_p, grad_diff = grad if lift else (grad, diff)
-        return grad_p, jnp.zeros_like(saveat), eqx.combine(grad_diff, _closure.zero_cotangents(const))
+        ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys,
+                                              _closure.instantiate(ct[0]), wrt_saveat)
+        return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
 
     solve_adj.defvjp(fwd, bwd, symbolic_zeros=True)
     return solve_adj(p, saveat, arrays)

@@ -38,6 +38,26 @@ def by_perturbation(arrays, static):
     return diff, const
 
 
+def saveat_perturbed(saveat, prob) -> bool:
+    """In a ``symbolic_zeros`` forward rule: whether the save times are differentiated. For an ODE
+    their cotangent is exact (``saveat_cotangent``); a DDE's x' may jump at a save time (a
+    breakpoint), so there it is refused rather than returned as a silent zero."""
+    perturbed = isinstance(saveat, CustomVJPPrimal) and saveat.perturbed
+    if perturbed and isinstance(prob, DDEProblem):
+        raise ValueError("ndde: differentiating a DDE's solution with respect to the save times is not supported "
+                         "by ForwardMode or the continuous adjoints; use sensitivity=Backprop()")
+    return perturbed
+
+
+def saveat_cotangent(prob, p, saveat, ys, ct_ys, perturbed):
+    """d ys[k] / d saveat[k] = x'(t_k) = f(t_k, ys[k], p) (an ODE's exact derivative; every
+    other save is unaffected), contracted with the cotangent of ys."""
+    if not perturbed:
+        return jnp.zeros_like(saveat)
+    slopes = jax.vmap(lambda t, y: prob.rhs(t, y, p))(saveat, ys)
+    return jnp.sum((ct_ys * slopes).reshape(saveat.shape[0], -1), axis=1)
+
+
 def values(tree):
     """Strip the perturbation records of a ``symbolic_zeros`` forward rule's argument."""
     return custom_vjp_primal_tree_values(tree)

@@ -28,19 +28,24 @@ def forward_mode_solve(prob, p, saveat, opts):
         return outputs(eqx.combine(arrays, static), p, saveat)
 
     def fwd(p, saveat, arrays):
+        wrt_saveat = _closure.saveat_perturbed(saveat, prob)
         p, saveat = _closure.values(p), _closure.values(saveat)
         diff, const = _closure.by_perturbation(arrays, static)
         # one batched jvp pass over (p, the problem's differentiated arrays) yields the Jacobian
         # and (as aux) the primal outputs
         solve = lambda P: outputs(_closure.rebuild(P[1], const, static), P[0], saveat)
         jac, out = jax.jacfwd(lambda P: (lambda o: (o[0], o))(solve(P)), has_aux=True)((p, diff))
-        return out, (jac, saveat, const)
+        return out, (jac, saveat, const, (wrt_saveat, out[0], p, diff) if wrt_saveat else (False,))
 
     def bwd(res, ct):
-        jac, saveat, const = res
+        jac, saveat, const, at_saveat = res
         ct_ys = _closure.instantiate(ct[0])
         grad_p, grad_diff = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim), jac)
-        return grad_p, jnp.zeros_like(saveat), eqx.combine(grad_diff, _closure.zero_cotangents(const))
+        ct_saveat = jnp.zeros_like(saveat)
+        if at_saveat[0]:
+            _, ys, p, diff = at_saveat
+            ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys, True)
+        return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
 
     solve_fm.defvjp(fwd, bwd, symbolic_zeros=True)
     return solve_fm(p, saveat, arrays)
