@@ -53,14 +53,25 @@ def is_concrete(x) -> bool:
 
 def initial_state(prob, p):
     y0 = prob.initial_state(p)
+    if jnp.issubdtype(y0.dtype, jnp.complexfloating):
+        raise TypeError(f"the initial state is {y0.dtype}: ndde integrates real states (its error norm and step "
+                        "control are real); stack the real and imaginary parts into one real state instead")
     dtype = y0.dtype if jnp.issubdtype(y0.dtype, jnp.floating) else jnp.result_type(float)
     return y0.astype(dtype)
 
 
-def check_shape(out, y0, what):
+def check_output(out, y0, what):
+    """``out`` (what rhs or history returned) must have the state's shape and a dtype that
+    does not promote the state's (a float32 output in a float64 solve is fine)."""
     if out.shape != y0.shape:
         raise ValueError(f"{what} returned shape {out.shape} but the state x has shape {y0.shape}; "
                          "they must match")
+    if jnp.issubdtype(out.dtype, jnp.complexfloating):
+        raise TypeError(f"{what} returned dtype {out.dtype}: ndde integrates real states; stack the real and "
+                        "imaginary parts into one real state instead")
+    if jnp.promote_types(out.dtype, y0.dtype) != y0.dtype:
+        raise TypeError(f"{what} returned dtype {out.dtype} but the state x is {y0.dtype}; return "
+                        f"{y0.dtype} (e.g. out.astype(x.dtype)) or give the initial state as {out.dtype}")
 
 
 def delays_of(prob: DDEProblem, p, dtype):
@@ -106,17 +117,17 @@ def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_s
     keep_from = jnp.asarray(-jnp.inf, dtype) if keep_all else None
     if isinstance(prob, ODEProblem):
         out = jax.eval_shape(lambda: prob.rhs(jnp.zeros((), dtype), y0, p))
-        check_shape(out, y0, "rhs(t, x, p)")
+        check_output(out, y0, "rhs(t, x, p)")
         rhs = Rhs(eval=lambda hist, t, y, left: prob.rhs(t, y, p), cap=jnp.asarray(jnp.inf, dtype),
                   max_delay=jnp.zeros((), dtype), keep_from=keep_from)
         taus, bps = None, None
         hist0 = _history.empty(capacity, opts.tableau.degree, y0) if keep_all or ring else None
     else:
         taus = delays_of(prob, p, dtype)
-        check_shape(jax.eval_shape(lambda: jnp.asarray(prob.history(t0, p))), y0, "history(t, p)")
+        check_output(jax.eval_shape(lambda: jnp.asarray(prob.history(t0, p))), y0, "history(t, p)")
         lag_shape = (taus.shape[0],) + y0.shape
         out = jax.eval_shape(lambda: prob.rhs(t0, y0, jnp.zeros(lag_shape, dtype), p))
-        check_shape(out, y0, "rhs(t, x, lagged, p)")
+        check_output(out, y0, "rhs(t, x, lagged, p)")
 
         def evaluate(hist, t, y, left):
             return prob.rhs(t, y, lagged_values(prob, p, taus, t0, hist, t, left, y), p)

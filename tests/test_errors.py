@@ -70,6 +70,25 @@ def test_shape_mismatch_names_both_shapes():
         sv.solve(bad_hist, None)
 
 
+def test_complex_and_promoting_dtypes_are_refused_not_cast():
+    """A complex initial state lost its imaginary part (cast to float64) and a complex or wider
+    rhs output failed deep in the loop; both now name the dtypes at trace time. A narrower rhs
+    output (float32 into a float64 solve) is promoted as before."""
+    with pytest.raises(TypeError, match="initial state is complex128: ndde integrates real states"):
+        sv.solve(sv.ODEProblem(lambda t, x, p: -x, jnp.array([1.0 + 1.0j]), 0.0, 1.0), None)
+    with pytest.raises(TypeError, match=r"rhs\(t, x, p\) returned dtype complex128: ndde integrates real states"):
+        sv.solve(_ode(lambda t, x, p: -x * (1 + 0j)), None)
+    f32 = sv.ODEProblem(lambda t, x, p: -x.astype(jnp.float64), jnp.array([1.0], jnp.float32), 0.0, 1.0)
+    with pytest.raises(TypeError, match="returned dtype float64 but the state x is float32"):
+        sv.solve(f32, None)
+    bad_hist = sv.DDEProblem(lambda t, x, lag, p: -lag[0], lambda t, p: jnp.ones(1, jnp.float64),
+                             lambda p: jnp.array([1.0]), 0.0, 1.0, x0=jnp.ones(1, jnp.float32))
+    with pytest.raises(TypeError, match=r"history\(t, p\) returned dtype float64 but the state x is float32"):
+        sv.solve(bad_hist, None)
+    ys = sv.solve(_ode(lambda t, x, p: (-x).astype(jnp.float32)), None, rtol=1e-5).ys
+    assert ys.dtype == jnp.float64 and abs(float(ys[-1, 0]) - float(jnp.exp(-2.0))) < 1e-4
+
+
 def test_bad_arguments():
     prob = _ode(lambda t, x, p: -x)
     with pytest.raises(ValueError, match="rtol must be a positive finite number, got -1"):
