@@ -30,7 +30,8 @@ class Solution(eqx.Module):
 def _error_messages(max_steps: int, history_size: int) -> list[str]:
     msgs = [""] * 6
     msgs[MAX_STEPS] = (f"ndde: step budget exhausted: max_steps={max_steps} attempted steps did not "
-                       "reach t1. Raise max_steps (solve(..., max_steps=...)) or loosen rtol/atol.")
+                       "reach the end (t1; t0 for an adjoint's backward sweep, which also stops at every "
+                       "observation). Raise max_steps (solve(..., max_steps=...)) or loosen rtol/atol.")
     msgs[UNDERFLOW] = ("ndde: step size underflow: the controller shrank the step below the "
                        "floating-point resolution of t. The problem is probably stiff (or the solution "
                        "has a singularity); an explicit method cannot integrate it at this tolerance.")
