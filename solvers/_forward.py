@@ -160,11 +160,14 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         if cfg.land_on_saveat:
             j = jnp.minimum(st.save_idx, n_save - 1)
             hit = accept & (st.save_idx < n_save) & (t_next == saveat[j])
-            # (saveat[j] - t_next) is zero, but not its derivative when t_next is a breakpoint that
-            # moves with τ: the saved value then stays x at the fixed save time, taken from the
-            # piece before the breakpoint (the step that ends there), not x at the moving point.
+            # θ_s = (saveat[j] - t) / h is exactly 1, but not its derivative when t_next is a breakpoint
+            # that moves with τ: the saved value then stays x at the fixed save time, the step's
+            # polynomial P(θ_s) (the piece before the breakpoint), not x at the moving point. Added
+            # as P(θ_s) - P(1), zero in value, so that the saved value is y1 bit for bit and every
+            # order of derivative is P's (a first-order Taylor term got second derivatives wrong).
             if rhs.n_state is None:
-                y_save = y1 + (saveat[j] - t_next) * _history.slope(step.coeffs, 1.0) / h
+                theta_s = (saveat[j] - t) / h
+                y_save = y1 + (_history.horner(step.coeffs, theta_s) - _history.horner(step.coeffs, 1.0))
             else:  # the adjoint's sweep (its save times never move with a parameter); under vmap a
                 y_save = cut(y1)  # batched save selects over the whole buffer: no ∫ f_pᵀλ in it
             # ys is a write-only buffer of the checkpointed loop (not copied into every checkpoint).
