@@ -166,7 +166,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             # as P(θ_s) - P(1), zero in value, so that the saved value is y1 bit for bit and every
             # order of derivative is P's (a first-order Taylor term got second derivatives wrong).
             if rhs.n_state is None:
-                theta_s = (saveat[j] - t) / h
+                theta_s = jnp.where(hit, (saveat[j] - t) / h, 1.0)  # far from 1 when not hit: P could overflow
                 y_save = y1 + (_history.horner(step.coeffs, theta_s) - _history.horner(step.coeffs, 1.0))
             else:  # the adjoint's sweep (its save times never move with a parameter); under vmap a
                 y_save = cut(y1)  # batched save selects over the whole buffer: no ∫ f_pᵀλ in it
