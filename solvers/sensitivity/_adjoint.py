@@ -87,10 +87,10 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         p, saveat = _closure.values(p), _closure.values(saveat)
         diff, const = _closure.by_perturbation(arrays, static)
         out, residual = forward(_closure.rebuild(diff, const, static), p, saveat)
-        return out, (p, saveat, diff, const, residual, (wrt_saveat, out[0] if wrt_saveat else None))
+        return out, (p, saveat, diff, const, residual, out[0] if wrt_saveat else None)
 
     def bwd(res, ct):
-        p, saveat, diff, const, (residual, fwd_probes, checkpoint_times), (wrt_saveat, ys) = res
+        p, saveat, diff, const, (residual, fwd_probes, checkpoint_times), ys = res
         lift = _closure.has_diff(diff)
         if lift:  # gradients for the problem's differentiated arrays too: parameters (p, diff)
             prob_b, p_b = _closure.lifted(diff, const, static), (p, diff)
@@ -100,7 +100,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
                          is_dde, checkpoint_times)
         grad_p, grad_diff = grad if lift else (grad, diff)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys,
-                                              _closure.instantiate(ct[0]), wrt_saveat)
+                                              _closure.instantiate(ct[0]))
         return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
 
     solve_adj.defvjp(fwd, bwd, symbolic_zeros=True)

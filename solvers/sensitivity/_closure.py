@@ -49,10 +49,11 @@ def saveat_perturbed(saveat, prob) -> bool:
     return perturbed
 
 
-def saveat_cotangent(prob, p, saveat, ys, ct_ys, perturbed):
+def saveat_cotangent(prob, p, saveat, ys, ct_ys):
     """d ys[k] / d saveat[k] = x'(t_k) = f(t_k, ys[k], p) (an ODE's exact derivative; every
-    other save is unaffected), contracted with the cotangent of ys."""
-    if not perturbed:
+    other save is unaffected), contracted with the cotangent of ys; zeros when ``ys`` is None
+    (the forward rule kept no ys: the save times were not differentiated)."""
+    if ys is None:
         return jnp.zeros_like(saveat)
     slopes = jax.vmap(lambda t, y: prob.rhs(t, y, p))(saveat, ys)
     return jnp.sum((ct_ys * slopes).reshape(saveat.shape[0], -1), axis=1)

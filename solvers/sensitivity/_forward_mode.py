@@ -35,16 +35,13 @@ def forward_mode_solve(prob, p, saveat, opts):
         # and (as aux) the primal outputs
         solve = lambda P: outputs(_closure.rebuild(P[1], const, static), P[0], saveat)
         jac, out = jax.jacfwd(lambda P: (lambda o: (o[0], o))(solve(P)), has_aux=True)((p, diff))
-        return out, (jac, saveat, const, (wrt_saveat, out[0], p, diff) if wrt_saveat else (False,))
+        return out, (jac, saveat, const, (out[0], p, diff) if wrt_saveat else (None, None, None))
 
     def bwd(res, ct):
-        jac, saveat, const, at_saveat = res
+        jac, saveat, const, (ys, p, diff) = res
         ct_ys = _closure.instantiate(ct[0])
         grad_p, grad_diff = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim), jac)
-        ct_saveat = jnp.zeros_like(saveat)
-        if at_saveat[0]:
-            _, ys, p, diff = at_saveat
-            ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys, True)
+        ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
         return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
 
     solve_fm.defvjp(fwd, bwd, symbolic_zeros=True)
