@@ -92,6 +92,13 @@ def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None):
     return final, built
 
 
+def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
+    """(ys, stats) of the forward loop that reverse mode differentiates step by step (Backprop)."""
+    final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints)
+    ys = check_status(final.ys, final.status, opts)
+    return refuse_nan_backprop(ys, lax.stop_gradient(final.overflowed)), stats_of(final)
+
+
 def stats_of(final):
     return {"steps": final.accepted, "rejected": final.rejected, "rhs_evals": final.rhs_evals}
 
@@ -158,9 +165,7 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
                    bool(land_on_saveat), bool(_track_breakpoints))
 
     if isinstance(sensitivity, Backprop):
-        final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=sensitivity.checkpoints)
-        ys, stats = check_status(final.ys, final.status, opts), stats_of(final)
-        ys = refuse_nan_backprop(ys, lax.stop_gradient(final.overflowed))
+        ys, stats = backprop_solve(prob, p, saveat, opts, sensitivity.checkpoints)
     elif isinstance(sensitivity, ForwardMode):
         from .sensitivity._forward_mode import forward_mode_solve
 
