@@ -355,12 +355,14 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
 
 
 def _under_forward_mode(trees) -> bool:
-    """The backward pass is traced under jax.jvp (a Hessian-vector product, jax.hessian), possibly
+    """The backward pass is itself being differentiated: traced under jax.jvp (a Hessian-vector
+    product, jax.hessian) or jax.linearize (JAX's own tracer class for it, not public), possibly
     inside or outside a vmap."""
-    from jax.interpreters import ad
+    from jax._src.interpreters.ad import LinearizeTracer
+    from jax.interpreters.ad import JVPTracer
 
     def jvp(a):
-        if isinstance(a, ad.JVPTracer):
+        if isinstance(a, (JVPTracer, LinearizeTracer)):
             return True
         return isinstance(a, jax.core.Tracer) and jvp(getattr(a, "val", None))  # a BatchTracer's value
 
