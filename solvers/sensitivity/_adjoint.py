@@ -82,26 +82,33 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         final, _ = forward_solve(eqx.combine(arrays, static), p, saveat, opts)
         return check_status(final.ys, final.status, opts), stats_of(final)
 
+    def backward_problem(p, diff, const):
+        """The problem and parameters the reverse pass differentiates: with the problem's
+        differentiated arrays lifted into the parameters, (p, diff), when there are any."""
+        if _closure.has_diff(diff):
+            return _closure.lifted(diff, const, static), (p, diff)
+        return _closure.rebuild(diff, const, static), p
+
     def fwd(p, saveat, arrays):
         wrt_saveat = _closure.saveat_perturbed(saveat, prob)
         p, saveat = _closure.values(p), _closure.values(saveat)
         diff, const = _closure.by_perturbation(arrays, static)
+        if is_dde and _under_forward_mode((p, diff)):  # see _discrete_reverse
+            out, pullback = _discrete_reverse(*backward_problem(p, diff, const), saveat, opts)
+            return out, (p, saveat, diff, const, (None, pullback), None)
         out, residual = forward(_closure.rebuild(diff, const, static), p, saveat)
-        return out, (p, saveat, diff, const, residual, out[0] if wrt_saveat else None)
+        return out, (p, saveat, diff, const, (residual, None), out[0] if wrt_saveat else None)
 
     def bwd(res, ct):
-        p, saveat, diff, const, (residual, fwd_probes, checkpoint_times), ys = res
-        lift = _closure.has_diff(diff)
-        if lift:  # gradients for the problem's differentiated arrays too: parameters (p, diff)
-            prob_b, p_b = _closure.lifted(diff, const, static), (p, diff)
-        else:
-            prob_b, p_b = _closure.rebuild(diff, const, static), p
+        p, saveat, diff, const, (sweep_residual, pullback), ys = res
+        prob_b, p_b = backward_problem(p, diff, const)
         ct_ys = _closure.instantiate(ct[0])
-        if is_dde and _under_forward_mode((p_b, ct_ys)):
-            grad = _discrete_gradient(prob_b, p_b, saveat, ct_ys, opts)
+        if pullback is not None:
+            grad = pullback(ct_ys)[0]
         else:
+            residual, fwd_probes, checkpoint_times = sweep_residual
             grad = _backward(prob_b, p_b, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, checkpoint_times)
-        grad_p, grad_diff = grad if lift else (grad, diff)
+        grad_p, grad_diff = grad if _closure.has_diff(diff) else (grad, diff)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
         return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
 
@@ -369,17 +376,20 @@ def _under_forward_mode(trees) -> bool:
     return any(jvp(a) for a in jax.tree_util.tree_leaves(trees))
 
 
-def _discrete_gradient(prob, p, saveat, ct_ys, opts):
-    """A DDE's gradient under jax.jvp: reverse mode through the discrete forward solve, as
-    Backprop. Differentiating the continuous sweep in τ would need it to land separately on
-    stops that coincide at this τ but move apart with it (an observation and a backward
-    breakpoint T - τ, or two breakpoints of different origins: common with commensurate
-    delays and observation grids); one landing for both misses that motion (measured on
-    A_cont: a Hessian-vector product off by 0.05-0.3, every component). The discrete solve's
-    stops are the forward breakpoints only, each landed on alone."""
+def _discrete_reverse(prob, p, saveat, opts):
+    """A DDE adjoint whose gradient is itself differentiated (jax.jvp, jax.linearize): the forward
+    solve of Backprop and its pullback, ((ys, stats), pullback). Differentiating the continuous
+    sweep in τ would need it to land separately on stops that coincide at this τ but move apart
+    with it (an observation and a backward breakpoint T - τ, or two breakpoints of different
+    origins: common with commensurate delays and observation grids); one landing for both
+    misses that motion (measured on A_cont: a Hessian-vector product off by 0.05-0.3, every
+    component). The discrete solve's stops are the forward breakpoints only, each landed on
+    alone. Decided in the forward rule, so that neither the checkpointed forward nor a second
+    solve runs."""
     from .._solve import backprop_solve
 
-    return jax.vjp(lambda q: backprop_solve(prob, q, saveat, opts)[0], p)[1](ct_ys)[0]
+    ys, pullback, stats = jax.vjp(lambda q: backprop_solve(prob, q, saveat, opts), p, has_aux=True)
+    return (ys, stats), pullback
 
 
 def _under_vmap(*trees) -> bool:
