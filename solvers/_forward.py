@@ -184,7 +184,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             if probe_fn is None:
                 probes = jnp.where(jnp.reshape(on_probe, (-1,) + (1,) * y1.ndim), y1, probes)
             else:
-                value = lax.cond(jnp.any(on_probe), lambda: probe_fn(hist, t_next, y1), lambda: probes[0])
+                value = _cond_any(jnp.any(on_probe), lambda: probe_fn(hist, t_next, y1), probes[0])
                 probes = jnp.where(on_probe[:, None], value[None], probes)
         if impulses is not None:
             y_new = y_new + jnp.where(hit, impulses[j], jnp.zeros_like(y_new))
@@ -193,7 +193,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             recompute = accept & land & stop_bp & (hist is not None)
             if impulses is not None:
                 recompute = recompute | hit
-            k1 = lax.cond(recompute, lambda: rhs.eval(hist, t_new, y_new, False), lambda: step.k_last)
+            k1 = _cond_any(recompute, lambda: rhs.eval(hist, t_new, y_new, False), step.k_last)
             k1 = jnp.where(accept, k1, st.k1)
             k1_left = jnp.where(accept, ~recompute, st.k1_left)
             evals = tab.stages - 1 + recompute.astype(jnp.int32)
@@ -272,6 +272,16 @@ def _run_chunked(cond, advance, state, rhs, tab):
         return st._replace(acc=st.acc + rhs.param_part(flat(rec[0]), flat(rec[1]), flat(rec[2]), flat(w)))
 
     return eqxi.while_loop(cond, chunk, state, kind="lax", buffers=_lax_buffers)
+
+
+def _cond_any(pred, compute, otherwise):
+    """``compute()`` where ``pred``, else ``otherwise``; ``compute`` runs only when ``pred`` holds
+    for some trajectory. Under vmap a lax.cond on a batched predicate becomes a select whose
+    operands are all broadcast to the batch, the parameters closed over by ``compute``
+    included: every trajectory then multiplied by its own copy of each weight matrix (the vmapped
+    HNN adjoints spent a third of their time there). Here the predicate of the cond is the
+    batch's any (unbatched), and the select happens on the results."""
+    return lax.cond(eqxi.unvmap_any(pred), lambda: jnp.where(pred, compute(), otherwise), lambda: otherwise)
 
 
 def _lax_buffers(st: LoopState):
