@@ -52,17 +52,16 @@ def _products_with_batched(jaxpr, shape):
     return found
 
 
-@pytest.mark.parametrize("sens", [sv.Backprop(), sv.ForwardMode(), sv.BacksolveAdjoint(), sv.InterpolatingAdjoint(),
-                                  sv.QuadratureAdjoint()],
-                         ids=lambda s: type(s).__name__)
-@pytest.mark.parametrize("kind", ["ode", "dde"])
+_METHODS = [sv.Backprop(), sv.ForwardMode(), sv.BacksolveAdjoint(), sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()]
+
+
+@pytest.mark.parametrize("kind,sens", [(k, s) for k in ("ode", "dde") for s in _METHODS if k == "ode" or s.supports_dde],
+                         ids=lambda v: v if isinstance(v, str) else type(v).__name__)
 def test_vmap_never_copies_the_weights_per_trajectory(kind, sens):
     """Under vmap over trajectories, a lax.cond on a per-trajectory predicate whose branch closes
     over the parameters broadcasts them to the batch (JAX's batched cond selects on its operands):
     each trajectory then multiplied by its own copy of every weight matrix (a third of the vmapped
     HNN adjoints' time). No product in the gradient's program may take a (batch, *W2.shape) operand."""
-    if kind == "dde" and isinstance(sens, sv.BacksolveAdjoint):
-        pytest.skip("BacksolveAdjoint refuses DDEs")
     B, key = 3, jax.random.PRNGKey(0)
     k1, k2, k3 = jax.random.split(key, 3)
     p = {"W1": 0.3 * jax.random.normal(k1, (2, 7)), "W2": 0.3 * jax.random.normal(k2, (7, 11)),
