@@ -47,7 +47,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     from .._solve import check_status, stats_of
 
     is_dde = isinstance(prob, DDEProblem)
-    arrays, static = _closure.split(prob)  # the problem's own arrays travel as explicit inputs
+    arrays, static = _closure.split(prob, p)  # the problem's own arrays travel as explicit inputs
     interpolating = isinstance(sens, InterpolatingAdjoint)
 
     def forward(prob, p, saveat):

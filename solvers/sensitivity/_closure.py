@@ -1,6 +1,7 @@
 """Arrays held by the problem itself (an x0 array, a vmapped initial state, arrays inside an
-equinox-module rhs) are explicit inputs of the sensitivities' custom_vjp, never closed over:
-a closed-over tracer of vmap or grad would leak out of the backward pass.
+equinox-module rhs, values a problem function captured from an enclosing vmap or grad) are
+explicit inputs of the sensitivities' custom_vjp, never closed over: a closed-over tracer of
+vmap or grad would leak out of the backward pass.
 
 Those being differentiated (e.g. ``jax.grad`` with respect to an x0 array) are lifted into
 the parameters: the backward pass then sees a problem whose parameters are (p, diff) and
@@ -15,12 +16,61 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero, custom_vjp_primal_tree_values
 
-from .._problem import DDEProblem, ODEProblem
+from .._problem import DDEProblem, GradientField, ODEProblem
 
 
-def split(prob):
-    """(arrays, static): the problem's array leaves (explicit custom_vjp inputs) and the rest."""
-    return eqx.partition(prob, eqx.is_array)
+def split(prob, p):
+    """(arrays, static): the problem's array leaves (explicit custom_vjp inputs) and the rest,
+    after ``captured_as_leaves``."""
+    return eqx.partition(captured_as_leaves(prob, p), eqx.is_array)
+
+
+class _Converted(eqx.Module):
+    """A problem callable traced once into a jaxpr whose captured values are array leaves
+    (equinox's closure conversion). Array arguments are cast to the traced dtypes (a Python
+    float t, say); any other difference in the arguments is the conversion's own error."""
+
+    fn: eqx.Module
+
+    def __call__(self, *args):
+        like = self.fn.in_struct[0]
+        cast = lambda a, s: jnp.asarray(a, s.dtype) if isinstance(s, jax.ShapeDtypeStruct) else a
+        return self.fn(*jax.tree_util.tree_map(cast, args, like))
+
+
+def _without_tracers(fn, *example):
+    """``fn`` itself when it captures no JAX tracer, else its converted form."""
+    if fn is None or not callable(fn):
+        return fn
+    converted = eqx.filter_closure_convert(fn, *example)
+    consts = getattr(converted, "consts", ())
+    if not any(isinstance(c, jax.core.Tracer) for c in jax.tree_util.tree_leaves(consts)):
+        return fn
+    return _Converted(converted)
+
+
+def captured_as_leaves(prob, p):
+    """The problem with every callable that captures a JAX tracer (a value being vmapped or
+    differentiated, which a Python function closed over) replaced by a converted form holding
+    that value as an array leaf. The custom_vjp rules then receive it as an explicit input
+    instead of leaking the tracer, and a differentiated one gets its gradient (as the problem's
+    own arrays do, see the module docstring)."""
+    from .._setup import delays_of, initial_state
+
+    y0 = initial_state(prob, p)
+    t = jnp.zeros((), y0.dtype)
+    x0 = _without_tracers(prob.x0, p)
+    if isinstance(prob, ODEProblem):
+        if isinstance(prob.rhs, GradientField):
+            rhs = eqx.tree_at(lambda g: (g.H, g.extra), prob.rhs,
+                              (_without_tracers(prob.rhs.H, y0, p), _without_tracers(prob.rhs.extra, t, y0, p)),
+                              is_leaf=lambda v: v is None)
+        else:
+            rhs = _without_tracers(prob.rhs, t, y0, p)
+        return ODEProblem(rhs, x0, prob.t0, prob.t1)
+    lagged = jnp.zeros((delays_of(prob, p, y0.dtype).shape[0],) + y0.shape, y0.dtype)
+    return DDEProblem(_without_tracers(prob.rhs, t, y0, lagged, p), _without_tracers(prob.history, t, p),
+                      _without_tracers(prob.delays, p), prob.t0, prob.t1, x0)
 
 
 def by_perturbation(arrays, static):

@@ -17,7 +17,7 @@ from . import _closure
 def forward_mode_solve(prob, p, saveat, opts):
     from .._solve import check_status, forward_solve, stats_of
 
-    arrays, static = _closure.split(prob)  # the problem's own arrays travel as explicit inputs
+    arrays, static = _closure.split(prob, p)  # the problem's own arrays travel as explicit inputs
 
     def outputs(prob, p, saveat):
         final, _ = forward_solve(prob, p, saveat, opts)
