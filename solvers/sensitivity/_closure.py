@@ -57,8 +57,9 @@ def captured_as_leaves(prob, p):
     own arrays do, see the module docstring)."""
     from .._setup import delays_of, initial_state
 
-    y0 = initial_state(prob, p)
-    t = jnp.zeros((), y0.dtype)
+    # example arguments as shapes only: tracing the conversion runs no op of the problem's functions
+    y0 = jax.eval_shape(lambda: initial_state(prob, p))
+    t = jax.ShapeDtypeStruct((), y0.dtype)
     x0 = _without_tracers(prob.x0, p)
     if isinstance(prob, ODEProblem):
         if isinstance(prob.rhs, GradientField):
@@ -68,7 +69,8 @@ def captured_as_leaves(prob, p):
         else:
             rhs = _without_tracers(prob.rhs, t, y0, p)
         return ODEProblem(rhs, x0, prob.t0, prob.t1)
-    lagged = jnp.zeros((delays_of(prob, p, y0.dtype).shape[0],) + y0.shape, y0.dtype)
+    m = jax.eval_shape(lambda: delays_of(prob, p, y0.dtype)).shape[0]
+    lagged = jax.ShapeDtypeStruct((m,) + y0.shape, y0.dtype)
     return DDEProblem(_without_tracers(prob.rhs, t, y0, lagged, p), _without_tracers(prob.history, t, p),
                       _without_tracers(prob.delays, p), prob.t0, prob.t1, x0)
 
