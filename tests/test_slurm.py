@@ -30,17 +30,21 @@ def _job_info(job_id):
 
 def wait_done(job_id, timeout=600, on_pending_requeue=True):
     """Poll until the job (or array) has left the queue; skip the ~2 min BeginTime wait of
-    a requeued job as a user of this cluster would (scontrol update StartTime=now)."""
+    a requeued job as a user of this cluster would (scontrol update StartTime=now), but not
+    within 2 s of the requeue: Slurm revokes the old run's credential at the requeue, with
+    1-second resolution, and a run started in that same second is killed ("Job credential
+    revoked", seen once under load). A failed squeue is asked again, never read as done."""
     end = time.time() + timeout
+    held_since = {}
     while time.time() < end:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i %T %r"], capture_output=True,
-                             text=True).stdout.split("\n")
-        rows = [r.split() for r in out if r.strip()]
-        if not rows:
+        res = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%i %T %r"], capture_output=True, text=True)
+        rows = [r.split() for r in res.stdout.split("\n") if r.strip()]
+        if res.returncode == 0 and not rows:
             return
         for jid, state, reason in rows:
             if on_pending_requeue and state == "PENDING" and reason == "BeginTime":
-                subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], check=False)
+                if time.time() - held_since.setdefault(jid, time.time()) >= 2.0:
+                    subprocess.run(["scontrol", "update", f"jobid={jid}", "StartTime=now"], check=False)
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} still queued after {timeout} s")
 
