@@ -5,9 +5,12 @@ import io
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
+@pytest.mark.slow
 def test_readme_example_runs_and_matches_its_comments():
     text = README.read_text()
     block = re.search(r"## Example.*?```python\n(.*?)```", text, re.S).group(1)
@@ -24,6 +27,7 @@ def test_readme_shows_the_two_commands():
     assert "make demo" in text and "make test" in text
 
 
+@pytest.mark.slow
 def test_seed_example_every_method_agrees_and_the_hvp_matches():
     """examples/nested_ad_dde.py (the question in shared/seed/): every DDE method on a rhs with
     f and f' of a network agrees with the others and with central differences; its

@@ -34,6 +34,7 @@ def test_gradient_wrt_an_x0_array_in_an_ode_problem_is_exact(sensitivity):
     np.testing.assert_allclose(g_p, -4.0 * 5.0 * np.exp(-2.0), rtol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sensitivity", DDE_METHODS, ids=ids)
 def test_gradient_wrt_an_x0_array_in_a_dde_problem_matches_finite_differences(sensitivity):
     loss = lambda x0, p: jnp.sum(sv.solve(_dde(x0), p, saveat=jnp.array([1.5, 3.0]), sensitivity=sensitivity,

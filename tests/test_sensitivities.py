@@ -34,6 +34,7 @@ def _assert_close(got, exact, rel=1e-6):
         assert abs(float(got[k]) - v) <= rel * abs(v), (k, float(got[k]), v)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["A_jump", "A_cont"])
 @pytest.mark.parametrize("sensitivity", DDE_METHODS + [sv.InterpolatingAdjoint(checkpoints=3)], ids=ids)
 def test_exact_dde_gradients(refcases, name, sensitivity):
@@ -43,6 +44,7 @@ def test_exact_dde_gradients(refcases, name, sensitivity):
     _assert_close({k: v[1] for k, v in g.items()}, case["grad_L"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["A_jump", "A_cont"])
 def test_exact_dde_gradients_with_re_solved_segments(refcases, name):
     """InterpolatingAdjoint sweeps the segments its forward history buffer still holds straight
@@ -65,6 +67,7 @@ def test_exact_pendulum_gradient(refcases, sensitivity):
     _assert_close(g, E["grad_L"])
 
 
+@pytest.mark.slow
 def test_jump_term_is_what_makes_the_delay_gradient_right(refcases, monkeypatch):
     case = refcases["A_jump"]
     without = case["tau_breakpoint_jump_term"]
@@ -94,6 +97,7 @@ def test_observation_at_the_breakpoint_gives_the_right_derivative(refcases, sens
     _assert_close({k: g[k][1] for k in brief["dL_other"]}, brief["dL_other"])
 
 
+@pytest.mark.slow
 def test_every_dde_method_agrees_on_a_neural_delayed_gradient_flow():
     result = sv.compare_sensitivities(delayed_gradient_flow(), init(), loss, saveat=OBS, verbose=False)
     assert set(result.gradients) == {"Backprop", "ForwardMode", "InterpolatingAdjoint", "QuadratureAdjoint",
@@ -110,6 +114,7 @@ def test_backsolve_on_a_dde_names_the_alternatives():
         sv.solve(delayed_gradient_flow(), init(), sensitivity=sv.BacksolveAdjoint())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sensitivity", DDE_METHODS, ids=ids)
 def test_value_and_grad_in_jit_and_vmap_match_a_loop(sensitivity):
     prob, p = delayed_gradient_flow(), init()
@@ -143,6 +148,7 @@ def _mlp_hamiltonian_problem(x0):
 
 @pytest.mark.parametrize("sensitivity", [sv.BacksolveAdjoint(), sv.InterpolatingAdjoint(checkpoints=2),
                                          sv.QuadratureAdjoint()], ids=ids)
+@pytest.mark.slow
 def test_vmapped_trajectories_take_the_chunked_parameter_integral_and_match_a_loop(sensitivity, chunked_calls):
     """Under vmap (parameters shared, one initial state per trajectory) the continuous adjoints
     fold ∫ f_pᵀλ in per chunk of steps (_forward._run_chunked) instead of at every stage: the
@@ -168,6 +174,7 @@ def test_vmapped_trajectories_take_the_chunked_parameter_integral_and_match_a_lo
 
 @pytest.mark.parametrize("sensitivity", [sv.BacksolveAdjoint(), sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()],
                          ids=ids)
+@pytest.mark.slow
 def test_vmapped_hessian_vector_products_take_the_chunked_path(sensitivity, chunked_calls):
     """vmap of jax.jvp(jax.grad(...)): the batch tracer sits inside the JVP tracer, and the
     backward pass still sees it (chunked parameter integral); values equal a loop."""
@@ -187,6 +194,7 @@ def test_vmapped_hessian_vector_products_take_the_chunked_path(sensitivity, chun
             assert float(jnp.max(jnp.abs(batched[k][i] - one[k]))) <= 1e-10 * scale, (k, i)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sensitivity", ODE_METHODS, ids=ids)
 def test_float32_gradients(refcases, sensitivity):
     case = refcases["A_cont"]
@@ -226,6 +234,7 @@ def _hvp(L, p, v):
                                                (sv.Backprop(), "refcase"), (sv.Backprop(), "on 3τ"),
                                                (sv.InterpolatingAdjoint(), "refcase"),
                                                (sv.QuadratureAdjoint(), "refcase")], ids=ids)
+@pytest.mark.slow
 def test_hessian_vector_product_dde(refcases, sensitivity, obs):
     """Against central differences of the gradient. "on 3τ": an observation sits on the
     third-level breakpoint 3τ = 3 (x is C² in τ there). The saved value at a moving breakpoint
@@ -252,6 +261,7 @@ def test_hessian_vector_product_dde(refcases, sensitivity, obs):
         assert abs(float(hv[k]) - float((gp[k] - gm[k]) / (2 * eps))) < 1e-6, k
 
 
+@pytest.mark.slow
 def test_hessian_vector_product_ode_every_method():
     p = {"m": jnp.asarray(1.0), "k": jnp.asarray(2.0), "q0": jnp.asarray(1.0)}
     v = {"m": jnp.asarray(0.1), "k": jnp.asarray(0.2), "q0": jnp.asarray(0.3)}
@@ -265,6 +275,7 @@ def test_hessian_vector_product_ode_every_method():
             assert abs(float(r[k]) - float(results[0][k])) < 1e-6 * max(1.0, abs(float(results[0][k])))
 
 
+@pytest.mark.slow
 def test_dde_adjoint_hessian_vector_products_under_vmap(refcases):
     """vmap outside and inside jax.jvp(jax.grad(...)) of a DDE adjoint (the backward pass must
     see the JVP tracer under the batch tracer, or the continuous sweep runs and is wrong):
@@ -283,6 +294,7 @@ def test_dde_adjoint_hessian_vector_products_under_vmap(refcases):
             assert float(jnp.max(jnp.abs(got[k] - ref[k]))) < 1e-8, k
 
 
+@pytest.mark.slow
 def test_dde_adjoint_hessian_vector_product_by_linearize(refcases):
     """jax.linearize of jax.grad traces the backward pass with JAX's linearize tracer, not the
     JVP tracer: it was missed, the continuous sweep ran and the product was off by 0.05-0.3."""
@@ -322,6 +334,7 @@ def test_interpolating_checkpoints_sit_on_times_both_sweeps_land_on(refcases):
     np.testing.assert_array_equal(_checkpoint_times(pendulum(), q, jnp.array([10.0]), 4), [0.0, 2.5, 5.0, 7.5, 10.0])
 
 
+@pytest.mark.slow
 def test_interpolating_adjoint_with_two_checkpoints_on_one_observation():
     """Targets 2.5 and 5 are both half a segment from the observation 3.75: both move there,
     leaving an empty segment, which the forward and backward sweeps must step over."""
@@ -344,6 +357,7 @@ def test_adjoint_segment_too_long_for_history_says_what_to_raise(refcases):
         jax.grad(L)(refcase_params(case))
 
 
+@pytest.mark.slow
 def test_checkpoint_windows_that_overflow_the_log_say_what_to_raise(refcases):
     """T = 16, τ = 1, 40 steps: 16 checkpoints a delay apart keep nearly every step in their
     windows, more than history_size = 24; 8 checkpoints keep fewer and get the gradient of the
@@ -366,6 +380,7 @@ def test_compare_needs_float64():
         jax.config.update("jax_enable_x64", True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("problem", ["pendulum", "neural_dde"])
 def test_dense_output_saves_backprop_matches_forward_mode_and_fd(problem):
     """land_on_saveat=False: several save times inside one step, read from the dense output.
@@ -455,6 +470,7 @@ def test_gradient_with_respect_to_save_times(refcases, sensitivity):
     assert abs(float(jax.grad(dde)(1.3)) - float(fd)) < 1e-5 * abs(float(fd))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sensitivity", DDE_METHODS, ids=ids)
 def test_two_equal_delays(sensitivity):
     """x' = -a x(t-τ1) - b x(t-τ2) with τ1 = τ2 = 0.5 and a jump at t0: the delay gradient

@@ -69,6 +69,7 @@ def _wait_for(predicate, proc, timeout=300):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_step_then_resume_is_bit_identical(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
@@ -84,6 +85,7 @@ def test_sigkill_during_a_step_then_resume_is_bit_identical(shared, tmp_path):
         np.testing.assert_array_equal(a["metrics/loss"][...], b["metrics/loss"][...])
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_write_then_resume(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
@@ -99,6 +101,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume(shared, tmp_path):
     assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
 
 
+@pytest.mark.slow
 def test_truncated_newest_checkpoint_is_skipped(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
@@ -110,6 +113,7 @@ def test_truncated_newest_checkpoint_is_skipped(shared, tmp_path):
     assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model_or_data(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
@@ -138,6 +142,7 @@ def test_resume_refuses_changed_data(shared, tmp_path):
     assert result.returncode == 2 and f"the contents of {own} changed" in result.stderr
 
 
+@pytest.mark.slow
 def test_nan_gradient_stops_naming_the_step_and_keeps_good_checkpoints(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
@@ -172,6 +177,7 @@ def test_report_and_inspect(shared):
     assert "sha256 verifies" in text and "params/H/0/w: float64 [2, 8]" in text and "@step = 12" in text
 
 
+@pytest.mark.slow
 def test_gradcheck_methods_agree_with_finite_differences(shared):
     tmp, job, ref = shared
     out = ndde("gradcheck", job).stdout
@@ -197,6 +203,7 @@ def test_dask_with_an_existing_scheduler(shared, tmp_path):
     assert_same_bits(_ckpt(tmp_path / "run", STEPS), ref / "step_00000012.h5")
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_current_step_and_exits_75(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
