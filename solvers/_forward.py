@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
+import equinox as eqx
 import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import SymbolicZero
 
 from . import _history
 from ._controller import error_norm, initial_step
@@ -138,6 +140,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
         err = (error_norm(step.err, cut(y), cut(y1), rtol, atol) if tab.adaptive
                else jnp.where(finite, 0.0, jnp.inf))
+        err = lax.stop_gradient(err)  # it only steers the step size
         accept, h_new, prev_err = cfg.controller.adapt(h, h_default, err, st.last_rejected,
                                                        st.prev_err, tab.error_order or tab.order)
         accept = accept & finite
@@ -226,8 +229,69 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
     if kind == "lax":  # buffers: under vmap a finished trajectory's writes are skipped slice by
         # slice, instead of a select over the whole buffer (JAX's batched while) every step
         return eqxi.while_loop(cond, body, state, kind="lax", buffers=_lax_buffers)
-    return eqxi.while_loop(cond, body, state, kind="checkpointed", max_steps=cfg.max_steps, checkpoints=checkpoints,
-                           buffers=lambda st: st.ys)
+    state = _perturbed_as_in_the_loop(state, (stops, rhs.cap, saveat))
+    final = eqxi.while_loop(cond, body, state, kind="checkpointed", max_steps=cfg.max_steps, checkpoints=checkpoints,
+                            buffers=lambda st: st.ys)
+    dyn, static = eqx.partition(final, eqx.is_inexact_array)
+    return eqx.combine(_cotangents_materialised(dyn), static)
+
+
+# Equinox's checkpointed loop learns which carries a derivative reaches (and which cotangents
+# stay zero) by re-tracing the loop body until nothing changes: three linearizations in its
+# forward rule, three more in its backward rule and two vjps, each a full trace of the step.
+# Handing it the answer up front makes each of these one trace. The answer: every floating
+# carry but the step-size control's (h, prev_err: no derivative, see advance), where the
+# time and the history's step bounds carry one only when t, a stop, the step cap or a save
+# time does (a learned delay, a learned save time); otherwise they would cost a backward
+# pass through every lookup's time for nothing.
+_NO_DERIVATIVE = ("h", "prev_err")
+
+
+def _time_leaves(st):
+    return (st.t,) if st.hist is None else (st.t, st.hist.t_start, st.hist.t_end)
+
+
+@jax.custom_jvp
+def _perturbed_as_in_the_loop(state, time_sources):
+    return state
+
+
+def _perturbed_as_in_the_loop_jvp(primals, tangents):
+    (state, sources), (t_state, t_sources) = primals, tangents
+    live = lambda tree: [t for t in jax.tree.leaves(tree)
+                         if not isinstance(t, SymbolicZero) and jnp.issubdtype(t.dtype, jnp.inexact)]
+    any_live, time_live = live((t_state, t_sources)), live((_time_leaves(t_state), t_sources))
+
+    def fill(anchors, x, t):  # a zero tangent that depends on a live one, so JAX keeps it
+        if not isinstance(t, SymbolicZero) or not anchors or not eqx.is_inexact_array(x):
+            return t
+        return jnp.zeros_like(x) + 0 * jnp.ravel(anchors[0])[0].astype(x.dtype)
+
+    out = {}
+    for name, x, t in zip(state._fields, state, t_state):
+        if name in _NO_DERIVATIVE or x is None:
+            out[name] = t
+        elif name == "t":
+            out[name] = fill(time_live, x, t)
+        elif name == "hist":
+            out[name] = x._replace(**{
+                f: (fill(time_live, getattr(x, f), getattr(t, f)) if f in ("t_start", "t_end")
+                    else fill(any_live, getattr(x, f), getattr(t, f))) for f in x._fields})
+        else:
+            out[name] = jax.tree.map(lambda a, b: fill(any_live, a, b), x, t,
+                                     is_leaf=lambda v: isinstance(v, SymbolicZero))
+    return state, type(state)(**out)
+
+
+_perturbed_as_in_the_loop.defjvp(_perturbed_as_in_the_loop_jvp, symbolic_zeros=True)
+
+
+@jax.custom_vjp
+def _cotangents_materialised(final):
+    return final
+
+
+_cotangents_materialised.defvjp(lambda final: (final, None), lambda _, ct: (ct,))  # JAX instantiates zeros
 
 
 def _run_chunked(cond, advance, state, rhs, tab):
