@@ -1,0 +1,39 @@
+"""How often tracing a Backprop gradient walks the solver's step (trace time, not run time)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import solvers as sv
+from helpers import linear_dde, pendulum
+
+
+def _count(monkeypatch, *names):
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        def counted(*args, _orig=getattr(jax, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _orig(*args, **kwargs)
+
+        monkeypatch.setattr(jax, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["dde with a learned delay", "ode"])
+def test_backprop_linearizes_the_loop_body_once_per_fixed_point(monkeypatch, kind):
+    """Equinox's checkpointed loop learns which carries a derivative reaches by re-linearizing the
+    loop body until nothing changes (in its forward rule and again in its backward rule), and
+    which cotangents stay zero by repeated vjps of it. The loop is handed a state that already
+    carries the answer (``_forward._perturbed_as_in_the_loop``): one linearization per fixed
+    point, and one vjp besides the backward step's own. Without it this DDE took 6
+    linearizations and 3 vjps (the ODE 4 and 3): trace 5.7 s instead of 2.7 s."""
+    if kind == "ode":
+        prob, p = pendulum(), {"m": jnp.asarray(1.0), "k": jnp.asarray(2.0), "q0": jnp.asarray(1.0)}
+    else:
+        prob = linear_dde()
+        p = {k: jnp.asarray(v) for k, v in {"a": -0.5, "b": -1.0, "tau": 0.8, "c": 0.7, "x0": 1.0}.items()}
+    ts = jnp.array([0.5, 1.7, 3.5])
+    loss = lambda p: jnp.sum(sv.solve(prob, p, saveat=ts, sensitivity=sv.Backprop()).ys ** 2)
+    calls = _count(monkeypatch, "linearize", "vjp")
+    jax.jit(jax.grad(loss)).trace(p)
+    assert calls["linearize"] <= 2 and calls["vjp"] <= 2, calls
