@@ -61,7 +61,7 @@ class LoopState(NamedTuple):
 class Rhs(NamedTuple):
     """How to evaluate the right-hand side given the loop state's history."""
 
-    eval: Callable  # eval(hist, t, y, left) -> dy
+    eval: Callable  # eval(hist, t, y, left) -> dy; eval(hist, t, y, left, looked) with ``lookups``
     cap: Any  # largest step allowed (smallest delay, or +inf)
     max_delay: Any  # how far back lookups reach (0 for an ODE)
     keep_from: Any = None  # never evict steps ending at or after this time (None: +inf)
@@ -73,6 +73,9 @@ class Rhs(NamedTuple):
     # PARAM_CHUNK iterations instead of integrating g at every stage (see _run_chunked)
     param_part: Callable | None = None
     param_nodes: tuple | None = None  # (θ_k, w_k): records at θ_k of each step's dense output, not its stages
+    # lookups(hist, t, left) -> looked: what eval reads of the stored history at t, handed back as
+    # eval(..., looked); a step reads it for all its later stages at once (see _step.rk_step)
+    lookups: Callable | None = None
 
 
 PARAM_CHUNK = 8
@@ -133,8 +136,13 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         land = (stop - t) <= jnp.minimum(1.01 * h_try, rhs.cap)
         h = jnp.where(land, stop - t, h_try)
         t_next = jnp.where(land, stop, t + h)
-        step = rk_step(tab, lambda s, z: rhs.eval(st.hist, s, z, True), t, y, h, st.k1, rhs.n_state,
-                       None if rhs.hist_part is None else rhs.hist_part[1])
+        if rhs.lookups is None:
+            f, lookups = (lambda s, z: rhs.eval(st.hist, s, z, True)), None
+        else:
+            f = lambda s, z, looked: rhs.eval(st.hist, s, z, True, looked)
+            lookups = jax.vmap(lambda s: rhs.lookups(st.hist, s, True))
+        step = rk_step(tab, f, t, y, h, st.k1, rhs.n_state, None if rhs.hist_part is None else rhs.hist_part[1],
+                       lookups)
         y1 = step.y1
         finite = jnp.all(jnp.isfinite(y1))
         cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])

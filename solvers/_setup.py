@@ -129,11 +129,14 @@ def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_s
         out = jax.eval_shape(lambda: prob.rhs(t0, y0, jnp.zeros(lag_shape, dtype), p))
         check_output(out, y0, "rhs(t, x, lagged, p)")
 
-        def evaluate(hist, t, y, left):
-            return prob.rhs(t, y, lagged_values(prob, p, taus, t0, hist, t, left, y), p)
+        def lookups(hist, t, left):
+            return lagged_values(prob, p, taus, t0, hist, t, left, y0)
+
+        def evaluate(hist, t, y, left, looked=None):
+            return prob.rhs(t, y, lookups(hist, t, left) if looked is None else looked, p)
 
         rhs = Rhs(eval=evaluate, cap=jax.lax.stop_gradient(jnp.min(taus)),
-                  max_delay=jax.lax.stop_gradient(jnp.max(taus)), keep_from=keep_from)
+                  max_delay=jax.lax.stop_gradient(jnp.max(taus)), keep_from=keep_from, lookups=lookups)
         bps = breakpoint_times(t0, taus, opts.tableau.order + 1) if opts.track_breakpoints else None
         hist0 = _history.empty(capacity, opts.tableau.degree, y0)
     land = saveat if opts.land_on_saveat else saveat[:0]

@@ -28,11 +28,17 @@ def _combine(weights, ks):
     return out
 
 
-def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None) -> StepResult:
+def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, lookups=None) -> StepResult:
     """Take one step of size h from (t, y) with first stage k1 = f(t, y).
 
     ``f(t, y)`` evaluates the right-hand side at a stage after the first one (for a DDE,
     with left-sided delayed lookups: see _history.lookup).
+
+    lookups: when set, ``lookups(ts)`` reads what the stages need of the stored history at all
+    stage times ts (shape (stages - 1,)) at once, and f is called as ``f(t, y, looked)`` with
+    stage i's slice. The lookups depend on the stage times only (the step is capped at the
+    smallest delay), and one batched read compiles to one copy of the lookup code instead of
+    one per stage.
 
     n_state: when set (1-D y), only y[:n_state] is a state that f reads; the rest is a pure
     integral of f's output (an adjoint's ∫ f_pᵀλ). f then receives y[:n_state] only, the
@@ -46,10 +52,16 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None) -> 
     x = cut(y)
     ks, kx = [k1], [cut(k1)]  # every stage, and its state part
     x_stage, x_stages = x, [x]
+    ts = [t + jnp.asarray(c, dtype) * h for c in tab.c[1:]]
+    if lookups is not None:
+        looked = lookups(jnp.stack(ts))
+        stage_f = lambda i, s, z: f(s, z, jax.tree_util.tree_map(lambda a: a[i - 1], looked))
+    else:
+        stage_f = lambda i, s, z: f(s, z)
     for i, row in enumerate(tab.a, start=1):
         x_stage = x + h * _combine(cast(row), kx)
         x_stages.append(x_stage)
-        ks.append(f(t + jnp.asarray(tab.c[i], dtype) * h, x_stage))
+        ks.append(stage_f(i, ts[i - 1], x_stage))
         kx.append(cut(ks[-1]))
     x1 = x_stage if tab.fsal else x + h * _combine(cast(tab.b), kx)
     if n_state is None:
