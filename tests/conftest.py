@@ -16,3 +16,9 @@ def refcases():
     """The exact reference cases (shared/refcases when present, else the committed copy)."""
     path = _SHARED if _SHARED.exists() else _COPY
     return json.loads(path.read_text())
+
+
+def pytest_collection_modifyitems(items):
+    """Slow tests first (stable otherwise): pytest-xdist hands out tests in collection order, so the
+    long ones start early and the last minutes are not one worker finishing a 2-minute test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -17,53 +17,63 @@ ODE_METHODS = DDE_METHODS + [sv.BacksolveAdjoint()]
 ids = lambda s: repr(s)
 
 
-def _dde_grads(case, sensitivity, obs=None, rtol=1e-10, history_size=None):
-    """Gradients of x(T) and L = Σ x(t_k)²/2 from one solve (jacrev of both)."""
-    obs = jnp.array(case["obs_times"] if obs is None else obs)
+def _dde_grad_fn(T, obs, sensitivity, rtol=1e-10, history_size=None):
+    """p -> gradients of x(T) and L = Σ x(t_k)²/2 from one solve (jacrev of both), jitted: the
+    refcases A_jump and A_cont differ only in p and share one compiled program."""
+    obs = jnp.array(obs)
 
     def both(p):
-        ys = sv.solve(linear_dde(case["T"]), p, saveat=obs, rtol=rtol, atol=rtol * 1e-2, sensitivity=sensitivity,
+        ys = sv.solve(linear_dde(T), p, saveat=obs, rtol=rtol, atol=rtol * 1e-2, sensitivity=sensitivity,
                       history_size=history_size).ys
         return jnp.stack([ys[-1], 0.5 * jnp.sum(ys**2)])
 
-    return jax.jacrev(both)(refcase_params(case))
+    return jax.jit(jax.jacrev(both))
 
 
-def _assert_close(got, exact, rel=1e-6):
+def _dde_grads(case, sensitivity, obs=None, rtol=1e-10, history_size=None):
+    fn = _dde_grad_fn(case["T"], case["obs_times"] if obs is None else obs, sensitivity, rtol, history_size)
+    return fn(refcase_params(case))
+
+
+def _both_refcases(refcases, sensitivity, history_size=None):
+    """(name, case, gradients) for A_jump and A_cont, from one compiled gradient."""
+    jump, cont = refcases["A_jump"], refcases["A_cont"]
+    assert (jump["T"], jump["obs_times"]) == (cont["T"], cont["obs_times"])  # one program serves both
+    fn = _dde_grad_fn(jump["T"], jump["obs_times"], sensitivity, history_size=history_size)
+    return [(name, case, fn(refcase_params(case))) for name, case in (("A_jump", jump), ("A_cont", cont))]
+
+
+def _assert_close(got, exact, rel=1e-6, name=""):
     for k, v in exact.items():
-        assert abs(float(got[k]) - v) <= rel * abs(v), (k, float(got[k]), v)
+        assert abs(float(got[k]) - v) <= rel * abs(v), (name, k, float(got[k]), v)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["A_jump", "A_cont"])
 @pytest.mark.parametrize("sensitivity", DDE_METHODS + [sv.InterpolatingAdjoint(checkpoints=3)], ids=ids)
-def test_exact_dde_gradients(refcases, name, sensitivity):
-    case = refcases[name]
-    g = _dde_grads(case, sensitivity)
-    _assert_close({k: v[0] for k, v in g.items()}, case["grad_xT"])
-    _assert_close({k: v[1] for k, v in g.items()}, case["grad_L"])
+def test_exact_dde_gradients(refcases, sensitivity):
+    for name, case, g in _both_refcases(refcases, sensitivity):
+        _assert_close({k: v[0] for k, v in g.items()}, case["grad_xT"], name=name)
+        _assert_close({k: v[1] for k, v in g.items()}, case["grad_L"], name=name)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["A_jump", "A_cont"])
-def test_exact_dde_gradients_with_re_solved_segments(refcases, name):
+def test_exact_dde_gradients_with_re_solved_segments(refcases):
     """InterpolatingAdjoint sweeps the segments its forward history buffer still holds straight
     from it; with 85 steps and history_size = 64 the first two of three are re-solved from their
     checkpoints' windows instead."""
-    case = refcases[name]
-    obs = jnp.array(case["obs_times"])
-    steps = sv.solve(linear_dde(case["T"]), refcase_params(case), saveat=obs, rtol=1e-10, atol=1e-12).stats["steps"]
-    assert int(steps) > 64
-    g = _dde_grads(case, sv.InterpolatingAdjoint(checkpoints=3), history_size=64)
-    _assert_close({k: v[0] for k, v in g.items()}, case["grad_xT"])
-    _assert_close({k: v[1] for k, v in g.items()}, case["grad_L"])
+    for name, case, g in _both_refcases(refcases, sv.InterpolatingAdjoint(checkpoints=3), history_size=64):
+        obs = jnp.array(case["obs_times"])
+        steps = sv.solve(linear_dde(case["T"]), refcase_params(case), saveat=obs, rtol=1e-10, atol=1e-12).stats
+        assert int(steps["steps"]) > 64, name
+        _assert_close({k: v[0] for k, v in g.items()}, case["grad_xT"], name=name)
+        _assert_close({k: v[1] for k, v in g.items()}, case["grad_L"], name=name)
 
 
 @pytest.mark.parametrize("sensitivity", ODE_METHODS, ids=ids)
 def test_exact_pendulum_gradient(refcases, sensitivity):
     E = refcases["E"]
     L = lambda p: jnp.sum(sv.solve(pendulum(), p, rtol=1e-10, atol=1e-12, sensitivity=sensitivity).ys[-1] ** 2)
-    g = jax.grad(L)({"m": 1.0, "k": 2.0, "q0": 1.0})
+    g = jax.jit(jax.grad(L))({"m": 1.0, "k": 2.0, "q0": 1.0})
     _assert_close(g, E["grad_L"])
 
 
@@ -187,8 +197,9 @@ def test_vmapped_hessian_vector_products_take_the_chunked_path(sensitivity, chun
     hvp = lambda x0: jax.jvp(lambda q: jax.grad(L)(q, x0), (p,), (v,))[1]
     batched = jax.jit(jax.vmap(hvp))(x0s)
     assert chunked_calls
+    hvp_one = jax.jit(hvp)  # compiled once for both trajectories
     for i, x0 in enumerate(x0s):
-        one = hvp(x0)
+        one = hvp_one(x0)
         for k in p:
             scale = float(jnp.max(jnp.abs(one[k])))
             assert float(jnp.max(jnp.abs(batched[k][i] - one[k]))) <= 1e-10 * scale, (k, i)
@@ -203,13 +214,13 @@ def test_float32_gradients(refcases, sensitivity):
     if prob is None:
         E = refcases["E"]
         L = lambda p: jnp.sum(sv.solve(pendulum(), p, rtol=1e-6, atol=1e-7, sensitivity=sensitivity).ys[-1] ** 2)
-        g = jax.grad(L)({"m": jnp.float32(1.0), "k": jnp.float32(2.0), "q0": jnp.float32(1.0)})
+        g = jax.jit(jax.grad(L))({"m": jnp.float32(1.0), "k": jnp.float32(2.0), "q0": jnp.float32(1.0)})
         assert g["k"].dtype == jnp.float32
         _assert_close(g, E["grad_L"], rel=2e-3)
         return
     ts = jnp.array(case["obs_times"], jnp.float32)
     L = lambda p: 0.5 * jnp.sum(sv.solve(prob, p, saveat=ts, rtol=1e-6, atol=1e-7, sensitivity=sensitivity).ys ** 2)
-    g = jax.grad(L)(p32)
+    g = jax.jit(jax.grad(L))(p32)
     assert g["tau"].dtype == jnp.float32
     _assert_close(g, case["grad_L"], rel=2e-3)
 
@@ -223,7 +234,7 @@ def test_quadrature_nodes_at_a_loose_tolerance(refcases, nodes):
     ts = jnp.array(case["obs_times"])
     L = lambda p: 0.5 * jnp.sum(sv.solve(linear_dde(case["T"]), p, saveat=ts, rtol=1e-6, atol=1e-7,
                                          sensitivity=sv.QuadratureAdjoint(nodes)).ys ** 2)
-    _assert_close(jax.grad(L)(refcase_params(case)), case["grad_L"], rel=1e-4)
+    _assert_close(jax.jit(jax.grad(L))(refcase_params(case)), case["grad_L"], rel=1e-4)
 
 
 def _hvp(L, p, v):
@@ -263,6 +274,8 @@ def test_hessian_vector_product_dde(refcases, sensitivity, obs):
 
 @pytest.mark.slow
 def test_hessian_vector_product_ode_every_method():
+    """Every method's Hessian-vector product agrees. Not jitted on purpose: the one test of
+    forward-over-adjoint run op by op, as at an interactive prompt (the others compile it)."""
     p = {"m": jnp.asarray(1.0), "k": jnp.asarray(2.0), "q0": jnp.asarray(1.0)}
     v = {"m": jnp.asarray(0.1), "k": jnp.asarray(0.2), "q0": jnp.asarray(0.3)}
     results = []
@@ -287,7 +300,8 @@ def test_dde_adjoint_hessian_vector_products_under_vmap(refcases):
     v = {k: jnp.asarray(0.1 * (i + 1)) for i, k in enumerate(p)}
     x0s = jnp.array([1.0, 0.8])
     outside = lambda s: jax.jit(jax.vmap(lambda x0: jax.jvp(lambda q: jax.grad(L)(q, x0, s), (p,), (v,))[1]))(x0s)
-    inside = jax.jvp(lambda q: jax.vmap(lambda x0: jax.grad(L)(q, x0, sv.InterpolatingAdjoint()))(x0s), (p,), (v,))[1]
+    inside = jax.jit(lambda p: jax.jvp(lambda q: jax.vmap(lambda x0: jax.grad(L)(q, x0, sv.InterpolatingAdjoint()))(x0s),
+                                       (p,), (v,))[1])(p)
     ref = outside(sv.Backprop())
     for got in (outside(sv.InterpolatingAdjoint()), inside):
         for k in ("a", "b", "tau", "c"):
@@ -302,8 +316,8 @@ def test_dde_adjoint_hessian_vector_product_by_linearize(refcases):
     p, ts = refcase_params(case), jnp.array(case["obs_times"])
     L = lambda p, s: 0.5 * jnp.sum(sv.solve(linear_dde(), p, saveat=ts, rtol=1e-8, atol=1e-10, sensitivity=s).ys ** 2)
     v = {k: jnp.asarray(0.1 * (i + 1)) for i, k in enumerate(p)}
-    linearized = jax.linearize(jax.grad(lambda q: L(q, sv.InterpolatingAdjoint())), p)[1](v)
-    ref = _hvp(lambda q: L(q, sv.Backprop()), p, v)
+    linearized = jax.jit(lambda p: jax.linearize(jax.grad(lambda q: L(q, sv.InterpolatingAdjoint())), p)[1](v))(p)
+    ref = jax.jit(lambda p: _hvp(lambda q: L(q, sv.Backprop()), p, v))(p)
     for k in p:
         assert abs(float(linearized[k]) - float(ref[k])) < 1e-8, k
 
@@ -344,7 +358,7 @@ def test_interpolating_adjoint_with_two_checkpoints_on_one_observation():
     grads = []
     for s in (sv.InterpolatingAdjoint(checkpoints=4), sv.QuadratureAdjoint(), sv.Backprop()):
         L = lambda p: jnp.sum(sv.solve(pendulum(), p, saveat=obs, rtol=1e-10, atol=1e-12, sensitivity=s).ys ** 2)
-        grads.append(jax.grad(L)(q))
+        grads.append(jax.jit(jax.grad(L))(q))
     for other in grads[1:]:
         _assert_close(grads[0], {k: float(v) for k, v in other.items()})
 
@@ -399,7 +413,7 @@ def test_dense_output_saves_backprop_matches_forward_mode_and_fd(problem):
 
     flat, unravel = jax.flatten_util.ravel_pytree(p)
     g_bp = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(lambda p: L(p, sv.Backprop())))(p))[0]
-    g_fm = jax.flatten_util.ravel_pytree(jax.grad(lambda p: L(p, sv.ForwardMode()))(p))[0]
+    g_fm = jax.flatten_util.ravel_pytree(jax.jit(jax.grad(lambda p: L(p, sv.ForwardMode())))(p))[0]
     assert float(jnp.max(jnp.abs(g_bp - g_fm)) / jnp.max(jnp.abs(g_fm))) < 1e-9
     f = jax.jit(lambda x: L(unravel(x), sv.Backprop()))
     eps = 1e-6
@@ -467,7 +481,7 @@ def test_gradient_with_respect_to_save_times(refcases, sensitivity):
         return
     eps, value = 1e-5, jax.jit(dde)  # compiled once for both evaluations
     fd = (value(1.3 + eps) - value(1.3 - eps)) / (2 * eps)
-    assert abs(float(jax.grad(dde)(1.3)) - float(fd)) < 1e-5 * abs(float(fd))
+    assert abs(float(jax.jit(jax.grad(dde))(1.3)) - float(fd)) < 1e-5 * abs(float(fd))
 
 
 @pytest.mark.slow
@@ -487,7 +501,7 @@ def test_two_equal_delays(sensitivity):
     obs = jnp.array([1.3, 2.2, 3.0])
     L = lambda tau, s: jnp.sum(sv.solve(prob, {**p, "tau": tau}, saveat=obs, rtol=1e-10, atol=1e-12,
                                         sensitivity=s).ys ** 2)
-    g = jax.grad(L)(p["tau"], sensitivity)
+    g = jax.jit(jax.grad(lambda tau: L(tau, sensitivity)))(p["tau"])
     f = jax.jit(lambda tau: L(tau, sv.Backprop()))
     eps = 1e-6
     fd_sum = (f(p["tau"] + eps) - f(p["tau"] - eps)) / (2 * eps)
