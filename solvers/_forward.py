@@ -136,13 +136,9 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         land = (stop - t) <= jnp.minimum(1.01 * h_try, rhs.cap)
         h = jnp.where(land, stop - t, h_try)
         t_next = jnp.where(land, stop, t + h)
-        if rhs.lookups is None:
-            f, lookups = (lambda s, z: rhs.eval(st.hist, s, z, True)), None
-        else:
-            f = lambda s, z, looked: rhs.eval(st.hist, s, z, True, looked)
-            lookups = jax.vmap(lambda s: rhs.lookups(st.hist, s, True))
-        step = rk_step(tab, f, t, y, h, st.k1, rhs.n_state, None if rhs.hist_part is None else rhs.hist_part[1],
-                       lookups)
+        lookups = None if rhs.lookups is None else jax.vmap(lambda s: rhs.lookups(st.hist, s, True))
+        step = rk_step(tab, lambda s, z, *looked: rhs.eval(st.hist, s, z, True, *looked), t, y, h, st.k1,
+                       rhs.n_state, None if rhs.hist_part is None else rhs.hist_part[1], lookups)
         y1 = step.y1
         finite = jnp.all(jnp.isfinite(y1))
         cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
@@ -282,7 +278,7 @@ def _perturbed_as_in_the_loop_jvp(primals, tangents):
         elif name == "t":
             out[name] = fill(time_live, x, t)
         elif name == "hist":
-            out[name] = x._replace(**{
+            out[name] = type(x)(**{
                 f: (fill(time_live, getattr(x, f), getattr(t, f)) if f in ("t_start", "t_end")
                     else fill(any_live, getattr(x, f), getattr(t, f))) for f in x._fields})
         else:
