@@ -57,12 +57,12 @@ class Model:
     problem: Callable       # (t1) -> problem whose p is {"theta": theta, "sample": sample}
     dtype: object
 
-    def solve(self, job: JobConfig, theta, sample, ts, sensitivity=None):
+    def solve(self, job: JobConfig, theta, sample, ts, sensitivity=None, throw=True):
         s = job.solver
         sens = make_sensitivity(s.sensitivity, s.checkpoints) if sensitivity is None else sensitivity
         return sv.solve(self.problem(ts[-1]), {"theta": theta, "sample": sample}, saveat=ts,
                         solver=make_solver(s.method), rtol=s.rtol, atol=s.atol, sensitivity=sens,
-                        max_steps=s.max_steps, history_size=s.history_size or None)
+                        max_steps=s.max_steps, history_size=s.history_size or None, throw=throw)
 
     def tau(self, theta):
         return theta.get("tau")

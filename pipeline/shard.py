@@ -35,23 +35,29 @@ class ShardResult(NamedTuple):
     error: str               # "" when the step succeeded
 
 
-def sample_loss(model, job, theta, sample, ts):
-    sol = model.solve(job, theta, {k: v for k, v in sample.items() if k != "ys"}, ts)
+def sample_loss(model, job, theta, sample, ts, throw=True):
+    sol = model.solve(job, theta, {k: v for k, v in sample.items() if k != "ys"}, ts, throw=throw)
     return jnp.mean((sol.ys - sample["ys"]) ** 2), sol.stats
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled(config_text: str):
+    """(job, model, fast, checked): the shard's jitted value_and_grad twice. ``fast`` solves
+    with throw=False: a solver failure gives NaN, and the program holds no host callback, so
+    JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR) can keep it for the next
+    process of the job (a resume, a requeue, another worker). ``checked`` raises the solver's
+    message; it is compiled only when a step comes out non-finite."""
     job = config_mod.from_toml_text(config_text)
     model = build_model(job)
     _, unravel = ravel_pytree(model.init(jax.random.PRNGKey(job.model.seed)))
 
-    def shard_loss(flat_theta, batch, ts):
+    def shard_loss(flat_theta, batch, ts, throw):
         theta = unravel(flat_theta)
-        losses, stats = jax.vmap(lambda s: sample_loss(model, job, theta, s, ts))(batch)
+        losses, stats = jax.vmap(lambda s: sample_loss(model, job, theta, s, ts, throw))(batch)
         return jnp.sum(losses), {k: jnp.sum(v) for k, v in stats.items()}
 
-    return job, model, jax.jit(jax.value_and_grad(shard_loss, has_aux=True))
+    step = lambda throw: jax.jit(jax.value_and_grad(functools.partial(shard_loss, throw=throw), has_aux=True))
+    return job, model, step(False), step(True)
 
 
 class ShardWorker:
@@ -59,7 +65,7 @@ class ShardWorker:
         # A solver failure inside the step is caught and reported by compute(); JAX's own
         # traceback log of the failing callback would only repeat it.
         logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
-        self.job, self.model, self.fn = _compiled(config_text)
+        self.job, self.model, self.fast, self.checked = _compiled(config_text)
         self.shard, self.shards = shard, shards
         lo, hi = shard_bounds(self.job.data.n_train, shards, shard)
         self.size = hi - lo
@@ -75,9 +81,13 @@ class ShardWorker:
     def compute(self, flat_theta: np.ndarray, step: int) -> ShardResult:
         idx = self.indices(step)
         batch = {k: jnp.asarray(v[idx]) for k, v in self.rows.items()}
+        theta = jnp.asarray(flat_theta, self.model.dtype)
         try:
-            (loss, stats), grad = self.fn(jnp.asarray(flat_theta, self.model.dtype), batch, self.ts)
+            (loss, stats), grad = self.fast(theta, batch, self.ts)
             loss, grad = float(loss), np.asarray(grad)
+            if not (np.isfinite(loss) and np.all(np.isfinite(grad))):  # a solver failure, or a true NaN
+                (loss, stats), grad = self.checked(theta, batch, self.ts)
+                loss, grad = float(loss), np.asarray(grad)
         except Exception as err:  # solver failures (equinox runtime errors) end up here
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
             first = next((ln for ln in lines if "ndde:" in ln), lines[0] if lines else type(err).__name__)

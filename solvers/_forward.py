@@ -55,7 +55,7 @@ class LoopState(NamedTuple):
     rhs_evals: jax.Array
     status: jax.Array
     k1_left: Any = None  # k1 was evaluated with left-sided lookups (FSAL's k_last), for Rhs.param_part
-    overflowed: Any = None  # a rejected attempt had a non-finite stage (see _solve.refuse_nan_backprop)
+    overflowed: Any = None  # a rejected attempt had a non-finite stage (see _solve.backprop_checks)
 
 
 class Rhs(NamedTuple):

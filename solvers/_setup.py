@@ -28,6 +28,13 @@ class Options:
     history_size: int
     land_on_saveat: bool
     track_breakpoints: bool
+    throw: bool = True
+
+    @property
+    def on_error(self) -> str:
+        """How equinox reports a failure: raise (through a host callback; EQX_ON_ERROR may
+        change it) or, with throw=False, NaN in place of the checked value and no callback."""
+        return "default" if self.throw else "nan"
 
     def loop_config(self):
         return LoopConfig(self.tableau, self.controller, self.max_steps, self.history_size, self.land_on_saveat)
@@ -74,7 +81,9 @@ def check_output(out, y0, what):
                         f"{y0.dtype} (e.g. out.astype(x.dtype)) or give the initial state as {out.dtype}")
 
 
-def delays_of(prob: DDEProblem, p, dtype):
+def delays_of(prob: DDEProblem, p, dtype, on_error="default"):
+    """The delays as a 1-D array of ``dtype``, checked > 0 (on_error="off" where the same
+    delays were checked already)."""
     taus = jnp.asarray(prob.delays(p))
     if taus.ndim != 1 or taus.shape[0] == 0:
         raise ValueError(f"delays(p) must return a 1-D array of m >= 1 delays, got shape {taus.shape}")
@@ -84,7 +93,8 @@ def delays_of(prob: DDEProblem, p, dtype):
         if not np.all(np.isfinite(values) & (values > 0)):
             raise ValueError(f"delays must be finite and > 0, got {values.tolist()}")
     return eqx.error_if(taus, ~jnp.all(jnp.isfinite(taus) & (taus > 0)),
-                        "ndde: non-positive or non-finite delay: delays(p) must return values > 0.")
+                        "ndde: non-positive or non-finite delay: delays(p) must return values > 0.",
+                        on_error=on_error)
 
 
 def lagged_values(prob: DDEProblem, p, taus, t0, hist, t, left, like):
@@ -123,7 +133,7 @@ def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_s
         taus, bps = None, None
         hist0 = _history.empty(capacity, opts.tableau.degree, y0) if keep_all or ring else None
     else:
-        taus = delays_of(prob, p, dtype)
+        taus = delays_of(prob, p, dtype, opts.on_error)
         check_output(jax.eval_shape(lambda: jnp.asarray(prob.history(t0, p))), y0, "history(t, p)")
         lag_shape = (taus.shape[0],) + y0.shape
         out = jax.eval_shape(lambda: prob.rhs(t0, y0, jnp.zeros(lag_shape, dtype), p))

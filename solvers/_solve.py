@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import equinox as eqx
@@ -48,32 +49,38 @@ def _error_messages(max_steps: int, history_size: int) -> list[str]:
 
 
 def check_status(x, status, opts: Options):
-    return eqx.branched_error_if(x, status != OK, status, _error_messages(opts.max_steps, opts.history_size))
+    return eqx.branched_error_if(x, status != OK, status, _error_messages(opts.max_steps, opts.history_size),
+                                 on_error=opts.on_error)
 
 
-@jax.custom_vjp
-def refuse_nan_backprop(ys, overflowed):
-    """ys; its reverse pass stops with a clear error when a rejected step attempt of the forward
-    loop overflowed (a stage of ±inf or NaN): Backprop's VJP of that attempt multiplies its zero
-    cotangent by the infinite stage derivatives and every gradient would come out NaN. (Skipping
-    those VJPs under a lax.cond slowed vmapped Backprop 2.6x: a batched cond batches every
-    operand; zeroing non-finite residuals cost 15-20% everywhere.)"""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def backprop_checks(ys, status, overflowed, msgs, on_error):
+    """ys; its reverse pass stops with a clear error (1) when the forward solve failed: the check
+    on ys is compiled away when only a gradient is used (jax.jit(jax.grad(L)) with L linear in
+    ys), and a failed solve would give a gradient and no error; (2) when a rejected step attempt
+    of the forward loop overflowed (a stage of ±inf or NaN): Backprop's VJP of that attempt
+    multiplies its zero cotangent by the infinite stage derivatives and every gradient would come
+    out NaN. (Skipping those VJPs under a lax.cond slowed vmapped Backprop 2.6x: a batched cond
+    batches every operand; zeroing non-finite residuals cost 15-20% everywhere.)"""
     return ys
 
 
-def _refuse_fwd(ys, overflowed):
-    return ys, overflowed
+def _checks_fwd(ys, status, overflowed, msgs, on_error):
+    return ys, (status, overflowed)
 
 
-def _refuse_bwd(overflowed, ct):
+def _checks_bwd(msgs, on_error, res, ct):
+    status, overflowed = res
+    ct = eqx.branched_error_if(ct, status != OK, status, list(msgs), on_error=on_error)
     ct = eqx.error_if(ct, overflowed, "ndde: Backprop cannot differentiate this solve: a rejected step attempt "
                       "overflowed (a stage of inf or NaN), and reverse mode through it makes every gradient "
                       "NaN. Start with a smaller step (solve(..., dt0=...)) or use InterpolatingAdjoint(), "
-                      "QuadratureAdjoint() or ForwardMode(), which do not differentiate rejected attempts.")
-    return ct, None
+                      "QuadratureAdjoint() or ForwardMode(), which do not differentiate rejected attempts.",
+                      on_error=on_error)
+    return ct, None, None
 
 
-refuse_nan_backprop.defvjp(_refuse_fwd, _refuse_bwd)
+backprop_checks.defvjp(_checks_fwd, _checks_bwd)
 
 
 def _check_positive(name, value):
@@ -96,7 +103,8 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
     """(ys, stats) of the forward loop that reverse mode differentiates step by step (Backprop)."""
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints)
     ys = check_status(final.ys, final.status, opts)
-    return refuse_nan_backprop(ys, lax.stop_gradient(final.overflowed)), stats_of(final)
+    msgs = tuple(_error_messages(opts.max_steps, opts.history_size))
+    return backprop_checks(ys, final.status, lax.stop_gradient(final.overflowed), msgs, opts.on_error), stats_of(final)
 
 
 def stats_of(final):
@@ -104,7 +112,8 @@ def stats_of(final):
 
 
 def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensitivity=None, max_steps=4096,
-          dt0=None, controller=None, history_size=None, land_on_saveat=True, _track_breakpoints=True) -> Solution:
+          dt0=None, controller=None, history_size=None, land_on_saveat=True, throw=True,
+          _track_breakpoints=True) -> Solution:
     """Solve an ``ODEProblem`` or ``DDEProblem`` with parameters ``p`` (any pytree of float arrays).
 
     saveat: 1-D increasing times in [t0, t1] (default: t1 only). The solver lands exactly on
@@ -119,6 +128,13 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     number of stored steps a DDE keeps for its delayed lookups (default min(max_steps, 256);
     QuadratureAdjoint keeps every step and defaults to max_steps), and those InterpolatingAdjoint
     keeps within max τ before its checkpoints, all checkpoints together.
+    throw: a failure inside the solve or its gradient (step budget exhausted, step size
+    underflow, NaN in the state, history buffer full, a non-positive delay, bad saveat) raises
+    an error that says what to change (the default), also from a jitted gradient that never
+    reads ys. With ``throw=False`` it makes ys and the gradient NaN instead, and the compiled
+    program holds no host callback, so JAX's persistent compilation cache can store it; the
+    training pipeline runs its steps this way and re-runs a failed step with ``throw=True`` to
+    report the message.
     """
     solver = Tsit5() if solver is None else solver
     if not isinstance(solver, ExplicitRK):
@@ -139,6 +155,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     if history_size is None:
         history_size = max_steps if isinstance(sensitivity, QuadratureAdjoint) else min(max_steps, 256)
+    if not isinstance(throw, bool):
+        raise TypeError(f"throw must be True or False, got {throw!r}")
     if not isinstance(history_size, int) or history_size < 1:
         raise ValueError(f"history_size must be a positive int, got {history_size!r}")
     tab = solver.tableau
@@ -160,9 +178,10 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     if saveat.ndim != 1 or saveat.shape[0] == 0:
         raise ValueError(f"saveat must be a non-empty 1-D array of times, got shape {saveat.shape}")
     bad_saveat = jnp.any(saveat < t0) | jnp.any(saveat > t1) | jnp.any(jnp.diff(saveat) <= 0)
-    saveat = eqx.error_if(saveat, bad_saveat, "ndde: saveat must be strictly increasing and lie in [t0, t1].")
     opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,
-                   bool(land_on_saveat), bool(_track_breakpoints))
+                   bool(land_on_saveat), bool(_track_breakpoints), throw)
+    if throw:
+        saveat = eqx.error_if(saveat, bad_saveat, "ndde: saveat must be strictly increasing and lie in [t0, t1].")
 
     if isinstance(sensitivity, Backprop):
         ys, stats = backprop_solve(prob, p, saveat, opts, sensitivity.checkpoints)
@@ -174,4 +193,6 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         from .sensitivity._adjoint import adjoint_solve
 
         ys, stats = adjoint_solve(prob, p, saveat, opts, sensitivity)
+    if not throw:  # a bad saveat makes every saved value NaN, as the failures inside the solve do
+        ys = jnp.where(bad_saveat, jnp.asarray(jnp.nan, ys.dtype), ys)
     return Solution(ts=saveat, ys=ys, stats=stats)

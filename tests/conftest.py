@@ -1,8 +1,19 @@
 import json
+import os
 import pathlib
+import shutil
+import tempfile
 
-import jax
-import pytest
+# One persistent compilation cache for the whole test session, made before jax is imported and
+# inherited by the xdist workers and every process the tests start (training runs, Dask
+# workers, MPI ranks, Slurm jobs). The pipeline's training step holds no host callback, so it
+# compiles once per session instead of once per process (see pipeline/shard.py).
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="ndde-test-jax-cache-")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -22,3 +33,8 @@ def pytest_collection_modifyitems(items):
     """Slow tests first (stable otherwise): pytest-xdist hands out tests in collection order, so the
     long ones start early and the last minutes are not one worker finishing a 2-minute test alone."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -109,3 +109,53 @@ def test_errors_fire_inside_jit_and_vmap():
     f = eqx.filter_jit(jax.vmap(lambda s: sv.solve(_ode(lambda t, x, p: -p * x), s, max_steps=5).ys))
     with pytest.raises(Exception, match="step budget exhausted"):
         f(jnp.array([1.0, 1e4]))
+
+
+def _failing_solves(throw):
+    """The solves above that fail (budget, underflow, history buffer, saveat, a traced zero delay)."""
+    return {
+        "step budget": lambda: sv.solve(_ode(lambda t, x, p: -x), None, max_steps=3, throw=throw).ys,
+        "underflow": lambda: sv.solve(_ode(lambda t, x, p: x**2), None, throw=throw).ys,
+        "history buffer": lambda: sv.solve(_dde(1.0), jnp.array([1.0]), rtol=1e-10, history_size=3, throw=throw).ys,
+        "saveat": lambda: sv.solve(_ode(lambda t, x, p: -x), None, saveat=jnp.array([1.0, 0.5]), throw=throw).ys,
+        "zero delay": lambda: jax.jit(lambda p: sv.solve(_dde(None), p, throw=throw).ys)(jnp.array([0.0])),
+    }
+
+
+def test_throw_false_gives_nan_instead_of_raising():
+    for name, run in _failing_solves(throw=False).items():
+        assert bool(jnp.all(jnp.isnan(run()))), name
+    for name, run in _failing_solves(throw=True).items():
+        with pytest.raises(Exception, match="ndde: "):
+            run()
+    ok = sv.solve(_ode(lambda t, x, p: -x), None, throw=False).ys
+    assert float(jnp.abs(ok - sv.solve(_ode(lambda t, x, p: -x), None).ys).max()) == 0.0
+    with pytest.raises(TypeError, match="throw must be True or False, got 0"):
+        sv.solve(_ode(lambda t, x, p: -x), None, throw=0)
+
+
+@pytest.mark.parametrize("sensitivity", [sv.Backprop(), sv.ForwardMode(), sv.InterpolatingAdjoint(),
+                                         sv.QuadratureAdjoint()], ids=lambda s: type(s).__name__)
+def test_throw_false_gradients_compile_without_host_callbacks(sensitivity):
+    """What lets JAX's persistent compilation cache keep a program (the training pipeline's step):
+    no host callback anywhere in the gradient of a DDE solve. The default raises through one."""
+    grad = lambda throw: jax.jit(jax.grad(lambda d: jnp.sum(sv.solve(_dde(None), d, sensitivity=sensitivity,
+                                                                     throw=throw).ys)))
+    hlo = lambda throw: grad(throw).lower(jnp.array([1.0])).as_text()
+    assert "callback" not in hlo(False)
+    assert "callback" in hlo(True)
+
+
+@pytest.mark.parametrize("sensitivity", [sv.Backprop(), sv.ForwardMode(), sv.BacksolveAdjoint(),
+                                         sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()],
+                         ids=lambda s: type(s).__name__)
+def test_a_failed_forward_solve_stops_a_jitted_gradient(sensitivity):
+    """jax.jit(jax.grad(...)) of a loss linear in ys never reads ys itself, so a check on ys alone
+    is compiled away; the forward solve's status must reach the reverse pass (a failed solve
+    gave a gradient, no error, before it did)."""
+    prob = _ode(lambda t, x, p: -p * x)
+    grad = jax.jit(jax.grad(lambda p: sv.solve(prob, p, max_steps=4, sensitivity=sensitivity).ys[-1, 0]))
+    with pytest.raises(Exception, match="step budget exhausted: max_steps=4"):
+        grad(jnp.asarray(1.0))
+    quiet = jax.jit(jax.grad(lambda p: sv.solve(prob, p, max_steps=4, sensitivity=sensitivity, throw=False).ys[-1, 0]))
+    assert bool(jnp.isnan(quiet(jnp.asarray(1.0))))

@@ -174,7 +174,8 @@ def test_vmapped_trajectories_take_the_chunked_parameter_integral_and_match_a_lo
     obs = jnp.linspace(0.5, 3.0, 6)
     L = lambda p, x0: jnp.sum(sv.solve(_mlp_hamiltonian_problem(x0), p, saveat=obs, rtol=1e-9, atol=1e-11,
                                        sensitivity=sensitivity).ys ** 2)
-    one_at_a_time = [jax.jit(jax.grad(L))(p, x0) for x0 in x0s]
+    grad_one = jax.jit(jax.grad(L))  # compiled once for the three trajectories
+    one_at_a_time = [grad_one(p, x0) for x0 in x0s]
     assert not chunked_calls  # no vmap: the parameter integral rides along at every stage
     summed = jax.jit(jax.grad(lambda p: jnp.sum(jax.vmap(L, in_axes=(None, 0))(p, x0s))))(p)
     per_trajectory = jax.jit(jax.vmap(jax.grad(L), in_axes=(None, 0)))(p, x0s)
@@ -379,11 +380,13 @@ def test_adjoint_segment_too_long_for_history_says_what_to_raise(refcases):
 def test_checkpoint_windows_that_overflow_the_log_say_what_to_raise(refcases):
     """T = 16, τ = 1, 40 steps: 16 checkpoints a delay apart keep nearly every step in their
     windows, more than history_size = 24; 8 checkpoints keep fewer and get the gradient of the
-    default history size."""
+    default history size. Jitted, and the loss linear in ys: the check on ys alone is compiled
+    away, and the gradient came out with no error until the reverse pass checked the forward's
+    status too."""
     p = refcase_params(refcases["A_jump"])
-    grad = lambda n, size: jax.grad(lambda p: sv.solve(
+    grad = lambda n, size: eqx.filter_jit(jax.grad(lambda p: sv.solve(
         linear_dde(16.0), p, rtol=1e-5, atol=1e-7, history_size=size,
-        sensitivity=sv.InterpolatingAdjoint(checkpoints=n)).ys[-1])(p)
+        sensitivity=sv.InterpolatingAdjoint(checkpoints=n)).ys[-1]))(p)
     with pytest.raises(eqx.EquinoxRuntimeError, match=r"history_size=24 steps.*fewer checkpoints"):
         grad(16, 24)
     _assert_close(grad(8, 24), {k: float(v) for k, v in grad(8, 256).items()})

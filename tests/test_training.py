@@ -167,6 +167,16 @@ def test_solver_failure_stops_with_its_message(shared, tmp_path):
     assert "step 1 failed" in result.stderr and "step budget exhausted" in result.stderr
 
 
+def test_the_training_step_is_kept_in_the_persistent_compilation_cache(shared, tmp_path):
+    """The step solves with throw=False, so it holds no host callback and JAX's persistent cache
+    stores it: a resumed, requeued or second worker process loads it instead of compiling."""
+    tmp, job, ref = shared
+    cache = tmp_path / "jax-cache"
+    ndde("train", job, "--run-dir", tmp_path / "run", "--steps", "2", env={"JAX_COMPILATION_CACHE_DIR": str(cache)})
+    names = sorted(p.name for p in cache.iterdir())
+    assert any(n.startswith("jit_shard_loss-") for n in names), names
+
+
 def test_report_and_inspect(shared):
     tmp, job, ref = shared
     run = ref.parent

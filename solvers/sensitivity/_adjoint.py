@@ -73,7 +73,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         else:
             final, residual = _checkpointed_forward(run, state, checkpoint_times, built.rhs.max_delay, opts, is_dde)
         ys = check_status(final.ys, final.status, opts)
-        return (ys, stats_of(final)), (residual, final.probes, checkpoint_times)
+        return (ys, stats_of(final)), (residual, final.probes, checkpoint_times, final.status)
 
     @jax.custom_vjp
     def solve_adj(p, saveat, arrays):  # not differentiated: the plain forward solve, no checkpoint stops
@@ -106,8 +106,10 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         if pullback is not None:
             grad = pullback(ct_ys)[0]
         else:
-            residual, fwd_probes, checkpoint_times = sweep_residual
+            residual, fwd_probes, checkpoint_times, status = sweep_residual
             grad = _backward(prob_b, p_b, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, checkpoint_times)
+            # the check on ys is compiled away when only the gradient is used: repeat it here
+            grad = check_status(grad, status, opts)
         grad_p, grad_diff = grad if _closure.has_diff(diff) else (grad, diff)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
         return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
@@ -154,7 +156,7 @@ def _checkpoint_times(prob, p, saveat, opts, sens):
     uniform = t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, n + 1, dtype=dtype)
     landed = [saveat.astype(dtype)]
     if isinstance(prob, DDEProblem) and opts.track_breakpoints:
-        landed.append(breakpoint_times(t0, delays_of(prob, p, dtype), opts.tableau.order + 1))
+        landed.append(breakpoint_times(t0, delays_of(prob, p, dtype, "off"), opts.tableau.order + 1))  # build checks
     landed = jax.lax.stop_gradient(jnp.concatenate(landed))
     landed = jnp.where((landed > t0) & (landed < t1), landed, jnp.inf)
     inner = uniform[1:-1]
@@ -182,7 +184,7 @@ class _Forward:
     def lags(self, t, left, p):
         if not self.is_dde:
             return None
-        taus = delays_of(self.prob, p, self.like.dtype)
+        taus = delays_of(self.prob, p, self.like.dtype, "off")  # checked once in _backward
         return lagged_values(self.prob, p, taus, self.t0, self.hist, t, left, self.like)
 
 
@@ -195,7 +197,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     n_p = p_flat.size
     f = unified_rhs(prob)
     t0, T = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
-    taus = delays_of(prob, p, dtype) if is_dde else None
+    taus = delays_of(prob, p, dtype, opts.on_error) if is_dde else None
     backsolve = isinstance(sens, BacksolveAdjoint)
     quadrature = isinstance(sens, QuadratureAdjoint)
     # under vmap every trajectory carries its own ∫ f_pᵀλ: integrated at every stage it is read
@@ -419,7 +421,7 @@ def _jump_terms(prob, p, lam_probe, fwd_probes, taus, t0, y0, f):
         lags = fwd_probes[j, n:].reshape((m,) + shape)
         jump = f(t, x_t, lags.at[j].set(phi0), p) - f(t, x_t, lags.at[j].set(y0), p)
         brackets.append(jnp.sum(lam_probe[j].reshape(shape) * jump))
-    _, vjp = jax.vjp(lambda q: delays_of(prob, q, dtype), p)
+    _, vjp = jax.vjp(lambda q: delays_of(prob, q, dtype, "off"), p)
     return ravel_pytree(vjp(jnp.stack(brackets))[0])[0]
 
 

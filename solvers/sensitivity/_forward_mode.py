@@ -21,11 +21,11 @@ def forward_mode_solve(prob, p, saveat, opts):
 
     def outputs(prob, p, saveat):
         final, _ = forward_solve(prob, p, saveat, opts)
-        return check_status(final.ys, final.status, opts), stats_of(final)
+        return (check_status(final.ys, final.status, opts), stats_of(final)), final.status
 
     @jax.custom_vjp
     def solve_fm(p, saveat, arrays):
-        return outputs(eqx.combine(arrays, static), p, saveat)
+        return outputs(eqx.combine(arrays, static), p, saveat)[0]
 
     def fwd(p, saveat, arrays):
         wrt_saveat = _closure.saveat_perturbed(saveat, prob)
@@ -34,13 +34,15 @@ def forward_mode_solve(prob, p, saveat, opts):
         # one batched jvp pass over (p, the problem's differentiated arrays) yields the Jacobian
         # and (as aux) the primal outputs
         solve = lambda P: outputs(_closure.rebuild(P[1], const, static), P[0], saveat)
-        jac, out = jax.jacfwd(lambda P: (lambda o: (o[0], o))(solve(P)), has_aux=True)((p, diff))
-        return out, (jac, saveat, const, (out[0], p, diff) if wrt_saveat else (None, None, None))
+        jac, (out, status) = jax.jacfwd(lambda P: (lambda o: (o[0][0], o))(solve(P)), has_aux=True)((p, diff))
+        return out, (jac, status, saveat, const, (out[0], p, diff) if wrt_saveat else (None, None, None))
 
     def bwd(res, ct):
-        jac, saveat, const, (ys, p, diff) = res
+        jac, status, saveat, const, (ys, p, diff) = res
         ct_ys = _closure.instantiate(ct[0])
-        grad_p, grad_diff = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim), jac)
+        grad = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim), jac)
+        # the check on ys is compiled away when only the gradient is used: repeat it on the gradient
+        grad_p, grad_diff = check_status(grad, status, opts)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
         return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
 
