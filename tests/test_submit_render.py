@@ -96,6 +96,24 @@ def test_hostile_paths_reach_the_program_verbatim(tmp_path):
     assert not list(tmp_path.rglob("PWNED")) and not (pathlib.Path.cwd() / "PWNED").exists()
 
 
+def test_a_requeued_job_finds_its_compiled_step_in_the_run_dir(tmp_path):
+    """The script points JAX's persistent compilation cache at RUN_DIR/jax-cache unless the
+    submitting shell chose one: the requeued job loads the training step compiled before."""
+    run_dir = tmp_path / "run"
+    fake = tmp_path / "ndde"
+    fake.write_text('#!/bin/bash\nprintf "%s" "$JAX_COMPILATION_CACHE_DIR" > "$OUT"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    script = tmp_path / "job.sbatch"
+    script.write_text(submit.render_sbatch(_job(backend="dask"), [run_dir], tmp_path / "o", fake))
+    out = tmp_path / "cache_dir"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    for chosen, expected in ((None, f"{run_dir}/jax-cache"), ("/shared/cache", "/shared/cache")):
+        extra = {"JAX_COMPILATION_CACHE_DIR": chosen} if chosen else {}
+        subprocess.run(["bash", str(script)], cwd=tmp_path, check=True, env={**env, **extra, "OUT": str(out)},
+                       capture_output=True)
+        assert out.read_text() == expected
+
+
 def test_dry_run_prints_and_submits_nothing(tmp_path):
     from tests.pipeline_helpers import ndde
 
