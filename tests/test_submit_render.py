@@ -77,41 +77,39 @@ def test_paths_with_quotes_or_newlines_cannot_reach_directives():
             submit.render_sbatch(_job(), [bad], f"{bad}/o", "/b/ndde")
 
 
+def _run_rendered(tmp_path, run_dir, fake, fake_body, env):
+    """Render the dask job's script for run_dir with ``fake`` (writing ``fake_body``) as ndde and
+    run it with bash (no Slurm) under env; returns what the fake wrote to $OUT."""
+    fake.write_text("#!/bin/bash\n" + fake_body + "\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    script = tmp_path / "job.sbatch"
+    script.write_text(submit.render_sbatch(_job(backend="dask"), [run_dir], tmp_path / "o", fake))
+    out = tmp_path / "out"
+    subprocess.run(["bash", str(script)], cwd=tmp_path, check=True, env={**env, "OUT": str(out)}, capture_output=True)
+    return out.read_bytes()
+
+
 def test_hostile_paths_reach_the_program_verbatim(tmp_path):
-    """Run the rendered script with bash (no Slurm): the fake ndde must receive the run
-    directory as one argument, and nothing in the path may execute."""
+    """The fake ndde must receive the run directory as one argument, and nothing in the path may
+    execute."""
     weird = tmp_path / "dir with space 'q' $(touch PWNED) `touch PWNED` ;touch PWNED"
     weird.mkdir()
     bindir = tmp_path / "bin $(touch PWNED)"
     bindir.mkdir()
-    fake = bindir / "ndde"
-    fake.write_text('#!/bin/bash\nprintf "%s\\0" "$@" > "$OUT"\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    script = tmp_path / "job.sbatch"
-    script.write_text(submit.render_sbatch(_job(backend="dask"), [weird], tmp_path / "o", fake))
-    out = tmp_path / "args"
-    subprocess.run(["bash", str(script)], cwd=tmp_path, check=True, env={**os.environ, "OUT": str(out)},
-                   capture_output=True)
-    assert out.read_bytes().split(b"\0")[:-1] == [b"resume", str(weird).encode()]
+    args = _run_rendered(tmp_path, weird, bindir / "ndde", 'printf "%s\\0" "$@" > "$OUT"', os.environ)
+    assert args.split(b"\0")[:-1] == [b"resume", str(weird).encode()]
     assert not list(tmp_path.rglob("PWNED")) and not (pathlib.Path.cwd() / "PWNED").exists()
 
 
 def test_a_requeued_job_finds_its_compiled_step_in_the_run_dir(tmp_path):
     """The script points JAX's persistent compilation cache at RUN_DIR/jax-cache unless the
     submitting shell chose one: the requeued job loads the training step compiled before."""
-    run_dir = tmp_path / "run"
-    fake = tmp_path / "ndde"
-    fake.write_text('#!/bin/bash\nprintf "%s" "$JAX_COMPILATION_CACHE_DIR" > "$OUT"\n')
-    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    script = tmp_path / "job.sbatch"
-    script.write_text(submit.render_sbatch(_job(backend="dask"), [run_dir], tmp_path / "o", fake))
-    out = tmp_path / "cache_dir"
+    run_dir, fake = tmp_path / "run", tmp_path / "ndde"
     env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
     for chosen, expected in ((None, f"{run_dir}/jax-cache"), ("/shared/cache", "/shared/cache")):
         extra = {"JAX_COMPILATION_CACHE_DIR": chosen} if chosen else {}
-        subprocess.run(["bash", str(script)], cwd=tmp_path, check=True, env={**env, **extra, "OUT": str(out)},
-                       capture_output=True)
-        assert out.read_text() == expected
+        got = _run_rendered(tmp_path, run_dir, fake, 'printf "%s" "$JAX_COMPILATION_CACHE_DIR" > "$OUT"', {**env, **extra})
+        assert got.decode() == expected
 
 
 def test_dry_run_prints_and_submits_nothing(tmp_path):
