@@ -83,11 +83,11 @@ class ShardWorker:
         batch = {k: jnp.asarray(v[idx]) for k, v in self.rows.items()}
         theta = jnp.asarray(flat_theta, self.model.dtype)
         try:
-            (loss, stats), grad = self.fast(theta, batch, self.ts)
-            loss, grad = float(loss), np.asarray(grad)
-            if not (np.isfinite(loss) and np.all(np.isfinite(grad))):  # a solver failure, or a true NaN
-                (loss, stats), grad = self.checked(theta, batch, self.ts)
+            for fn in (self.fast, self.checked):  # checked only after a non-finite result: it raises
+                (loss, stats), grad = fn(theta, batch, self.ts)  # the solver's message, if any
                 loss, grad = float(loss), np.asarray(grad)
+                if np.isfinite(loss) and np.all(np.isfinite(grad)):
+                    break
         except Exception as err:  # solver failures (equinox runtime errors) end up here
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
             first = next((ln for ln in lines if "ndde:" in ln), lines[0] if lines else type(err).__name__)
