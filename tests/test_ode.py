@@ -27,6 +27,25 @@ def test_pendulum_refcase(refcases):
     assert abs(float(qT**2 + pT**2) - E["L"]) < 1e-8
 
 
+def test_an_eager_solve_compiles_once_and_new_values_reuse_it():
+    """Outside any transformation solve runs as one compiled program, traced on the first call
+    only: a new value of p (a float or an array) reuses it. Op by op, every call re-traced the
+    right-hand side (the seed example's first solve took 9.5 s instead of 3.3 s)."""
+    traced = []
+
+    def rhs(t, x, p):
+        traced.append(t)
+        return -p["k"] * x
+
+    prob = sv.ODEProblem(rhs, jnp.array([1.0, 2.0]), 0.0, 1.0)
+    first = sv.solve(prob, {"k": 1.0}, rtol=1e-10, atol=1e-12).ys[-1]
+    n = len(traced)
+    again = [sv.solve(prob, {"k": k}, rtol=1e-10, atol=1e-12).ys[-1] for k in (2.0, jnp.asarray(3.0))]
+    assert n > 0 and len(traced) == n
+    for k, y in zip((1.0, 2.0, 3.0), [first, *again]):
+        np.testing.assert_allclose(y, np.exp(-k) * np.array([1.0, 2.0]), rtol=1e-8)
+
+
 def test_tolerance_controls_error(refcases):
     E = refcases["E"]
     errs = []
