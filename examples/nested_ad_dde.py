@@ -52,9 +52,10 @@ def main():
     # second order through the solve: a Hessian-vector product, forward over Backprop's reverse
     L = lambda p: loss(sv.solve(problem, p, saveat=obs, rtol=1e-10, atol=1e-12, sensitivity=sv.Backprop()).ys)
     v = jax.tree_util.tree_map(jnp.ones_like, p)
-    hv = jax.jit(lambda p: jax.jvp(jax.grad(L), (p,), (v,))[1])(p)
-    eps, grad = 1e-5, jax.jit(jax.grad(L))  # compiled once, called twice
-    shifted = lambda s: grad(jax.tree_util.tree_map(lambda a, b: a + s * eps * b, p, v))
+    grad_and_hvp = jax.jit(lambda p: jax.jvp(jax.grad(L), (p,), (v,)))  # (gradient, H v), compiled once
+    hv = grad_and_hvp(p)[1]
+    eps = 1e-5
+    shifted = lambda s: grad_and_hvp(jax.tree_util.tree_map(lambda a, b: a + s * eps * b, p, v))[0]
     fd = jax.tree_util.tree_map(lambda a, b: (a - b) / (2 * eps), shifted(1), shifted(-1))
     hv_flat, fd_flat = (jax.flatten_util.ravel_pytree(t)[0] for t in (hv, fd))
     print(f"Hessian-vector product vs differences of gradients: "
