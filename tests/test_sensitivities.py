@@ -280,18 +280,15 @@ def test_hessian_vector_product_dde(refcases, sensitivity, obs):
 
 @pytest.mark.slow
 def test_hessian_vector_product_ode_every_method():
-    """Every method's Hessian-vector product agrees. The two continuous adjoints that take the
-    jvp of their own backward pass (InterpolatingAdjoint, the default, and QuadratureAdjoint)
-    run op by op, as at an interactive prompt: the one test of forward-over-adjoint outside jit
-    (the others compile it). The rest are jitted: op by op they took 45 s of the test's 77."""
+    """Every method's Hessian-vector product agrees. Not jitted on purpose: the one test of
+    forward-over-adjoint run op by op, as at an interactive prompt (the others compile it)."""
     p = {"m": jnp.asarray(1.0), "k": jnp.asarray(2.0), "q0": jnp.asarray(1.0)}
     v = {"m": jnp.asarray(0.1), "k": jnp.asarray(0.2), "q0": jnp.asarray(0.3)}
     results = []
     for sens in ODE_METHODS:
         L = lambda p, s=sens: jnp.sum(sv.solve(pendulum(), p, saveat=jnp.array([5.0, 10.0]), rtol=1e-10,
                                                atol=1e-12, sensitivity=s).ys ** 2)
-        eager = isinstance(sens, (sv.InterpolatingAdjoint, sv.QuadratureAdjoint))
-        results.append(_hvp(L, p, v) if eager else jax.jit(lambda p, L=L: _hvp(L, p, v))(p))
+        results.append(_hvp(L, p, v))
     for r in results[1:]:
         for k in p:
             assert abs(float(r[k]) - float(results[0][k])) < 1e-6 * max(1.0, abs(float(results[0][k])))
