@@ -1,6 +1,8 @@
 """Trace + lowering and XLA compile time of gradient programs (the cost a user pays once per
-program, and nearly all of `make test`'s time). Each program is built in a fresh process, so
-nothing is cached; medians over --repeats processes. Writes bench/results/compile.md.
+program, and nearly all of `make test`'s time), and the time of eager calls (a gradient or
+Hessian-vector product called outside jit, first at p, then at a new p). Each program is built
+in a fresh process, so nothing is cached; medians over --repeats processes. Writes
+bench/results/compile.md.
 
     .venv/bin/python bench/compile.py [--repeats 3]
 """
@@ -16,6 +18,8 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 PROGRAMS = ["dde-Backprop-grad", "dde-InterpolatingAdjoint-grad", "dde-QuadratureAdjoint-grad",
             "dde-ForwardMode-grad", "dde-Backprop-hvp", "ode-InterpolatingAdjoint-grad"]
+EAGER = ["dde-InterpolatingAdjoint-eagergrad", "dde-Backprop-eagerhvp", "ode-Backprop-eagerhvp",
+         "ode-InterpolatingAdjoint-eagerhvp"]
 
 
 def measure(name):
@@ -43,7 +47,13 @@ def measure(name):
         ts = jnp.array([5.0, 10.0])
     L = lambda p: jnp.sum(sv.solve(prob, p, saveat=ts, rtol=1e-10, atol=1e-12, sensitivity=sens).ys ** 2)
     v = jax.tree_util.tree_map(lambda a: 0.1 * jnp.ones_like(a), p)
-    fn = jax.grad(L) if mode == "grad" else (lambda p: jax.jvp(jax.grad(L), (p,), (v,))[1])
+    fn = jax.grad(L) if mode.endswith("grad") else (lambda p: jax.jvp(jax.grad(L), (p,), (v,))[1])
+    if mode.startswith("eager"):  # (first call, second call at a new p) in seconds
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(p))
+        t1 = time.perf_counter()
+        jax.block_until_ready(fn(jax.tree_util.tree_map(lambda a: 1.01 * a, p)))
+        return t1 - t0, time.perf_counter() - t1
     t0 = time.perf_counter()
     lowered = jax.jit(fn).trace(p).lower()
     t1 = time.perf_counter()
@@ -61,6 +71,7 @@ def measure(name):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--eager-only", action="store_true", help="only the eager calls (results/compile-eager.md)")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -69,17 +80,20 @@ def main():
     sys.path.insert(0, str(HERE))
     from timing import versions
 
-    rows = []
-    for name in PROGRAMS:
+    def medians(name):
         res = [json.loads(subprocess.run([sys.executable, __file__, "--one", name], capture_output=True, text=True,
                                          check=True).stdout.strip().splitlines()[-1]) for _ in range(args.repeats)]
-        med = [statistics.median(r[i] for r in res) for i in range(3)]
-        rows.append(f"| {name} | {med[0]:.2f} | {med[1]:.2f} | {med[2]:.2f} |")
-        print(rows[-1], flush=True)
-    table = ["| program (float64) | trace + lower (s) | XLA compile (s) | run (ms) |", "|---|---|---|---|", *rows]
+        row = f"| {name} | " + " | ".join(f"{statistics.median(r[i] for r in res):.2f}" for i in range(len(res[0])))
+        print(row + " |", flush=True)
+        return row + " |"
+
+    table = [] if args.eager_only else ["| program (float64) | trace + lower (s) | XLA compile (s) | run (ms) |",
+                                        "|---|---|---|---|", *map(medians, PROGRAMS), ""]
+    table += ["| eager call (float64, outside jit) | first call (s) | at a new p (s) |", "|---|---|---|",
+              *map(medians, EAGER)]
     info = ", ".join(f"{k} {v}" for k, v in versions().items())
     out = "\n".join([f"# Compile time (medians of {args.repeats} fresh processes)", "", info, "", *table, ""])
-    (HERE / "results" / "compile.md").write_text(out)
+    (HERE / "results" / ("compile-eager.md" if args.eager_only else "compile.md")).write_text(out)
     print(out)
 
 

@@ -10,7 +10,6 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jax._src.interpreters.ad import JVPTracer, LinearizeTracer
 
 from . import _forward
 from ._controller import ConstantStepSize, PIController
@@ -199,7 +198,12 @@ def _all_concrete(tree) -> bool:
     return all(is_concrete(leaf) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-_AD_TRACERS = (JVPTracer, LinearizeTracer)
+try:  # JAX's tracers of jax.jvp and jax.grad (not public: without them, only concrete arrays count)
+    from jax._src.interpreters.ad import JVPTracer, LinearizeTracer
+
+    _AD_TRACERS = (JVPTracer, LinearizeTracer)
+except ImportError:
+    _AD_TRACERS = ()
 
 
 def _outside_jit_and_vmap(tree) -> bool:
