@@ -5,7 +5,7 @@ differences, plus a Hessian-vector product (second order through the solve).
     dx/dt = -f'(x(t - τ)) / (1 + f(x(t - τ))²) - 0.2 x(t),   history x(t) = h for t ≤ 0,
 
 f a small tanh MLP R² → R; learnable: the network, τ, the history h and x(0) = x0 ≠ h.
-Run: python examples/nested_ad_dde.py (about a minute on two cores).
+Run: python examples/nested_ad_dde.py (about a minute and a half on two cores).
 """
 
 import jax
