@@ -166,7 +166,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
 
         if cfg.land_on_saveat:
             j = jnp.minimum(st.save_idx, n_save - 1)
-            hit = accept & (st.save_idx < n_save) & (t_next == saveat[j])
+            # a step lands on each save time, or passes one that is no stop (saves_off_breakpoints)
+            hit = accept & (st.save_idx < n_save) & (saveat[j] <= t_next)
             # θ_s = (saveat[j] - t) / h is exactly 1, but not its derivative when t_next is a breakpoint
             # that moves with τ: the saved value then stays x at the fixed save time, the step's
             # polynomial P(θ_s) (the piece before the breakpoint), not x at the moving point. Added

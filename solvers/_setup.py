@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _history
-from ._breakpoints import breakpoint_times, stop_times
+from ._breakpoints import breakpoint_times, saves_off_breakpoints, stop_times
 from ._forward import LoopConfig, Rhs
 from ._problem import DDEProblem, ODEProblem
 
@@ -150,6 +150,8 @@ def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_s
         bps = breakpoint_times(t0, taus, opts.tableau.order + 1) if opts.track_breakpoints else None
         hist0 = _history.empty(capacity, opts.tableau.degree, y0)
     land = saveat if opts.land_on_saveat else saveat[:0]
+    if bps is not None:
+        land = saves_off_breakpoints(land, bps.astype(dtype), t0, t1)
     if extra_stops is not None:
         land = jnp.concatenate([land, extra_stops.astype(dtype)])
     stops, stop_is_bp = stop_times(t0, t1, land, bps)

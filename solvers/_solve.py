@@ -118,7 +118,9 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     """Solve an ``ODEProblem`` or ``DDEProblem`` with parameters ``p`` (any pytree of float arrays).
 
     saveat: 1-D increasing times in [t0, t1] (default: t1 only). The solver lands exactly on
-    each (``land_on_saveat=True``, the default: values at save times are step values); with
+    each (``land_on_saveat=True``, the default: values at save times are step values; a save
+    time within eps^(2/3)·max(|t0|, |t1|) of a DDE breakpoint is read from the step's
+    polynomial on the side it lies, not landed on apart from it); with
     ``land_on_saveat=False`` save times are read from the dense output (order 4 for
     Tsit5/Dopri5) and cost no extra steps, as in diffrax.
     solver: an ``ExplicitRK`` (default ``Tsit5()``); RK4 and Euler need ``dt0``.

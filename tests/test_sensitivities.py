@@ -247,7 +247,9 @@ def _hvp(L, p, v):
 
 
 @pytest.mark.parametrize("sensitivity, obs", [(sv.ForwardMode(), "refcase"), (sv.ForwardMode(), "on 3τ"),
+                                               (sv.ForwardMode(), "3 ulps past 3τ"),
                                                (sv.Backprop(), "refcase"), (sv.Backprop(), "on 3τ"),
+                                               (sv.Backprop(), "3 ulps past 3τ"),
                                                (sv.InterpolatingAdjoint(), "refcase"),
                                                (sv.QuadratureAdjoint(), "refcase")], ids=ids)
 @pytest.mark.slow
@@ -255,7 +257,10 @@ def test_hessian_vector_product_dde(refcases, sensitivity, obs):
     """Against central differences of the gradient. "on 3τ": an observation sits on the
     third-level breakpoint 3τ = 3 (x is C² in τ there). The saved value at a moving breakpoint
     was a first-order Taylor term: its second τ-derivative was off by 3% here (17% on a 5τ
-    breakpoint), now it is the step's polynomial at the fixed save time. The refcase's
+    breakpoint), now it is the step's polynomial at the fixed save time. "3 ulps past 3τ": the
+    solver landed on both and took a 3-ulp step between them, through which the second
+    τ-derivative was off by 5-6%; now it lands once and reads the save from the next step
+    (saves_off_breakpoints). The refcase's
     observations 0.5 and 2.5 sit on the adjoint's backward breakpoints T - 3τ and T - τ: a
     jax.jvp through the continuous sweep was off by 0.05-0.3 in every component (it lands
     once where the two stops move apart with τ); under jax.jvp the DDE adjoints now take the
@@ -263,13 +268,14 @@ def test_hessian_vector_product_dde(refcases, sensitivity, obs):
     of the same jitted program (one compile, not two)."""
     case = refcases["A_jump"]
     p = refcase_params(case)
-    ts = jnp.array(case["obs_times"] if obs == "refcase" else [0.5, 1.7, 3.0, 3.5])
+    on_3tau = {"on 3τ": 3.0, "3 ulps past 3τ": 3.0 + 3 * np.spacing(3.0)}.get(obs)
+    ts = jnp.array(case["obs_times"] if obs == "refcase" else [0.5, 1.7, on_3tau, 3.5])
     L = lambda p: 0.5 * jnp.sum(sv.solve(linear_dde(), p, saveat=ts, rtol=1e-10, atol=1e-12,
                                          sensitivity=sensitivity).ys ** 2)
     v = {k: jnp.asarray(0.1 * (i + 1)) for i, k in enumerate(p)}
     grad_and_hvp = jax.jit(lambda p: jax.jvp(jax.grad(L), (p,), (v,)))  # one program: (gradient, H v)
     hv = grad_and_hvp(p)[1]
-    # "on 3τ": a shifted τ adds a step between 3τ and 3 that moves the gradient by O(rtol); a
+    # "on 3τ" (and past it): a shifted τ adds a step between 3τ and 3 that moves the gradient by O(rtol); a
     # larger step keeps that noise (~1e-10 / eps) below the tolerance
     eps = 1e-5 if obs == "refcase" else 1e-4
     shift = lambda s: jax.tree_util.tree_map(lambda a, b: a + s * eps * b, p, v)
