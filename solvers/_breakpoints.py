@@ -30,6 +30,11 @@ def breakpoint_times(t0, delays, max_level: int):
     return jnp.reshape(jnp.reshape(jnp.asarray(t0, delays.dtype), (-1, 1)) + shifts[None, :], (-1,))
 
 
+def _inside(breakpoints, t0, t1, dtype):
+    """The breakpoints in (t0, t1); the others pushed to +inf (shapes stay static)."""
+    return jnp.where((breakpoints > t0) & (breakpoints < t1), breakpoints.astype(dtype), jnp.asarray(jnp.inf, dtype))
+
+
 def saves_off_breakpoints(saveat, breakpoints, t0, t1):
     """saveat with every time closer than eps^(2/3) max(|t0|, |t1|) to a breakpoint in (t0, t1)
     pushed to +inf, so that it is no stop of its own.
@@ -41,8 +46,8 @@ def saves_off_breakpoints(saveat, breakpoints, t0, t1):
     ending on the breakpoint when it lies before it, the next one when it lies after.
     """
     tol = jnp.finfo(saveat.dtype).eps ** (2 / 3) * jnp.maximum(jnp.abs(t0), jnp.abs(t1)).astype(saveat.dtype)
-    inside = (breakpoints > t0) & (breakpoints < t1)
-    near = jnp.any(inside[None, :] & (jnp.abs(saveat[:, None] - breakpoints[None, :]) <= tol), axis=1)
+    bps = _inside(breakpoints, t0, t1, saveat.dtype)
+    near = jnp.any(jnp.abs(saveat[:, None] - bps[None, :]) <= tol, axis=1)
     return jnp.where(near, jnp.asarray(jnp.inf, saveat.dtype), saveat)
 
 
@@ -53,10 +58,7 @@ def stop_times(t0, t1, saveat, breakpoints):
     """
     dtype = saveat.dtype
     inf = jnp.asarray(jnp.inf, dtype)
-    if breakpoints is None:
-        bps = jnp.zeros((0,), dtype)
-    else:
-        bps = jnp.where((breakpoints > t0) & (breakpoints < t1), breakpoints.astype(dtype), inf)
+    bps = jnp.zeros((0,), dtype) if breakpoints is None else _inside(breakpoints, t0, t1, dtype)
     times = jnp.concatenate([bps, saveat, jnp.reshape(t1, (1,)).astype(dtype), inf[None]])
     is_bp = jnp.concatenate([jnp.ones(bps.shape, bool), jnp.zeros(saveat.shape[0] + 2, bool)])
     order = jnp.argsort(times, stable=True)

@@ -168,11 +168,12 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             j = jnp.minimum(st.save_idx, n_save - 1)
             # a step lands on each save time, or passes one that is no stop (saves_off_breakpoints)
             hit = accept & (st.save_idx < n_save) & (saveat[j] <= t_next)
-            # θ_s = (saveat[j] - t) / h is exactly 1, but not its derivative when t_next is a breakpoint
-            # that moves with τ: the saved value then stays x at the fixed save time, the step's
-            # polynomial P(θ_s) (the piece before the breakpoint), not x at the moving point. Added
-            # as P(θ_s) - P(1), zero in value, so that the saved value is y1 bit for bit and every
-            # order of derivative is P's (a first-order Taylor term got second derivatives wrong).
+            # On a landing θ_s = (saveat[j] - t) / h is exactly 1, but not its derivative when t_next is
+            # a breakpoint that moves with τ: the saved value then stays x at the fixed save time, the
+            # step's polynomial P(θ_s) (the piece before the breakpoint), not x at the moving point.
+            # Added as P(θ_s) - P(1), zero in value, so that the saved value is y1 bit for bit and every
+            # order of derivative is P's (a first-order Taylor term got second derivatives wrong). A
+            # passed save time is P's at its own θ_s.
             if rhs.n_state is None:
                 theta_s = jnp.where(hit, (saveat[j] - t) / h, 1.0)  # far from 1 when not hit: P could overflow
                 y_save = y1 + (_history.horner(step.coeffs, theta_s) - _history.horner(step.coeffs, 1.0))

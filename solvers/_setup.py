@@ -151,7 +151,7 @@ def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_s
         hist0 = _history.empty(capacity, opts.tableau.degree, y0)
     land = saveat if opts.land_on_saveat else saveat[:0]
     if bps is not None:
-        land = saves_off_breakpoints(land, bps.astype(dtype), t0, t1)
+        land = saves_off_breakpoints(land, bps, t0, t1)
     if extra_stops is not None:
         land = jnp.concatenate([land, extra_stops.astype(dtype)])
     stops, stop_is_bp = stop_times(t0, t1, land, bps)

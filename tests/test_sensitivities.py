@@ -275,8 +275,8 @@ def test_hessian_vector_product_dde(refcases, sensitivity, obs):
     v = {k: jnp.asarray(0.1 * (i + 1)) for i, k in enumerate(p)}
     grad_and_hvp = jax.jit(lambda p: jax.jvp(jax.grad(L), (p,), (v,)))  # one program: (gradient, H v)
     hv = grad_and_hvp(p)[1]
-    # "on 3τ" (and past it): a shifted τ adds a step between 3τ and 3 that moves the gradient by O(rtol); a
-    # larger step keeps that noise (~1e-10 / eps) below the tolerance
+    # "on 3τ" (and past it): a shifted τ adds a step between 3τ and 3 that moves the gradient
+    # by O(rtol); a larger step keeps that noise (~1e-10 / eps) below the tolerance
     eps = 1e-5 if obs == "refcase" else 1e-4
     shift = lambda s: jax.tree_util.tree_map(lambda a, b: a + s * eps * b, p, v)
     gp, gm = grad_and_hvp(shift(1))[0], grad_and_hvp(shift(-1))[0]
