@@ -124,16 +124,37 @@ def horner(coeffs, theta):
     return acc
 
 
-def before(a, q, left):
-    """a < q for a left-sided lookup, a <= q otherwise; ``left`` a Python bool or a traced one
-    (the parameter quadrature's records carry it as data)."""
+SIDE_ULPS = 4
+
+
+def side_tolerance(*times):
+    """How far apart (SIDE_ULPS ulps of the largest |time|) a lookup time and a boundary may lie
+    and still count as one point when a side is chosen. A breakpoint's image t - τ_j and the
+    boundary it stands for (a stored step end, t0, the sweep's start) are different sums of the
+    same delays and differ by an ulp or so: read exactly, that ulp put a stage on the wrong side
+    of the jump at t0 (DESIGN.md, Breakpoints)."""
+    mag = jnp.abs(times[0])
+    for t in times[1:]:
+        mag = jnp.maximum(mag, jnp.abs(t))
+    return SIDE_ULPS * jnp.finfo(mag.dtype).eps * mag
+
+
+def before(a, q, left, tol=0.0):
+    """a < q for a left-sided lookup, a <= q otherwise, where a within ``tol`` of q counts as q;
+    ``left`` a Python bool or a traced one (the parameter quadrature's records carry it as data)."""
     if isinstance(left, bool):
-        return (a < q) if left else (a <= q)
-    return jnp.where(left, a < q, a <= q)
+        return (a < q - tol) if left else (a <= q + tol)
+    return jnp.where(left, a < q - tol, a <= q + tol)
 
 
-def _steps_before(hist: History, q, left: bool):
-    """Number of stored steps that end before q (strictly for left lookups).
+def _newest_end(hist: History):
+    cap = hist.t_end.shape[0]
+    return hist.t_end[(hist.first + jnp.maximum(hist.count - 1, 0)) % cap]
+
+
+def _steps_before(hist: History, q, left: bool, tol=0.0):
+    """Number of stored steps that end before q (strictly for left lookups; ends within ``tol``
+    of q count as q).
 
     A count over the whole buffer rather than a binary search: a reduction stays one
     materialised scalar, whereas XLA fused the search's scalar chain into the elementwise
@@ -141,22 +162,22 @@ def _steps_before(hist: History, q, left: bool):
     ran 2x slower at power-of-two capacities)."""
     cap = hist.t_end.shape[0]
     if cap > SEARCH_ABOVE:
-        return _search_before(hist, q, left)
+        return _search_before(hist, q, left, tol)
     stored = (jnp.arange(cap) - hist.first) % cap < hist.count
-    return jnp.sum(stored & before(hist.t_end, q, left), dtype=jnp.int32)
+    return jnp.sum(stored & before(hist.t_end, q, left, tol), dtype=jnp.int32)
 
 
 SEARCH_ABOVE = 1024
 
 
-def _search_before(hist: History, q, left):
+def _search_before(hist: History, q, left, tol):
     """_steps_before by bisection over the stored steps in time order (log2 capacity reads)."""
     cap = hist.t_end.shape[0]
 
     def halve(_, lo_hi):
         lo, hi = lo_hi  # the answer lies in [lo, hi]
         mid = (lo + hi) // 2
-        go_right = (mid < hist.count) & before(hist.t_end[(hist.first + mid) % cap], q, left)
+        go_right = (mid < hist.count) & before(hist.t_end[(hist.first + mid) % cap], q, left, tol)
         return jnp.where(go_right, mid + 1, lo), jnp.where(go_right, hi, mid)
 
     lo, _ = jax.lax.fori_loop(0, int(np.ceil(np.log2(cap + 1))), halve, (jnp.zeros((), jnp.int32), hist.count))
@@ -189,9 +210,11 @@ def slope(coeffs, theta):
 
 
 def _piece(hist: History, q, left: bool):
-    """Coefficients of the stored step holding q, θ in it, and its length."""
+    """Coefficients of the stored step holding q, θ in it, and its length. A q within
+    side_tolerance of a step boundary counts as that boundary (θ then lies off [0, 1] by ulps)."""
     cap = hist.t_end.shape[0]
-    i = jnp.clip(_steps_before(hist, q, left), 0, jnp.maximum(hist.count - 1, 0))
+    tol = side_tolerance(q, _newest_end(hist))
+    i = jnp.clip(_steps_before(hist, q, left, tol), 0, jnp.maximum(hist.count - 1, 0))
     slot = (hist.first + i) % cap
     t_a, t_b = hist.t_start[slot], hist.t_end[slot]
     return hist.coeffs[slot], (q - t_a) / (t_b - t_a), t_b - t_a

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import _history
-from ._breakpoints import breakpoint_times, saves_off_breakpoints, stop_times
+from ._breakpoints import breakpoint_times, saves_off_breakpoints, separating_shift, stop_times
 from ._forward import LoopConfig, Rhs
 from ._problem import DDEProblem, ODEProblem
 
@@ -97,6 +97,20 @@ def delays_of(prob: DDEProblem, p, dtype, on_error="default"):
                         on_error=on_error)
 
 
+def solve_delays(prob: DDEProblem, p, dtype, opts: Options, on_error="default"):
+    """(delays the solve uses, their shift from delays(p)): delays(p) moved apart where two of
+    their breakpoints would coincide (see _breakpoints.separating_shift); the shift carries no
+    derivative, so d/dp is that of delays(p)."""
+    taus = delays_of(prob, p, dtype, on_error)
+    if not opts.track_breakpoints:
+        return taus, jnp.zeros_like(taus)
+    t0, t1 = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
+    min_stage = min(c for c in opts.tableau.c if c > 0)
+    shift = jax.lax.stop_gradient(separating_shift(taus, t0, t1, opts.tableau.order + 1,
+                                                   _history.side_tolerance(t0, t1), min_stage))
+    return taus + shift, shift
+
+
 def lagged_values(prob: DDEProblem, p, taus, t0, hist, t, left, like):
     """x(t - τ_j) for every j: the history before t0, the stored dense output after it.
     ``left`` chooses the side at a boundary (see _history.lookup)."""
@@ -105,7 +119,7 @@ def lagged_values(prob: DDEProblem, p, taus, t0, hist, t, left, like):
     history = lambda q: jnp.asarray(prob.history(q, p), like.dtype)
     from_hist = jax.vmap(history)(qs)
     from_buf = jax.vmap(lambda q: _history.lookup(hist, q, left))(qs)
-    in_hist = ~_history.before(t0, qs, left)  # qs <= t0 (left), qs < t0 (right)
+    in_hist = ~_history.before(t0, qs, left, _history.side_tolerance(qs, t, t0))  # qs <= t0 (left), qs < t0 (right)
     return jnp.where(jnp.reshape(in_hist, (m,) + (1,) * like.ndim), from_hist, from_buf)
 
 
@@ -133,7 +147,7 @@ def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_s
         taus, bps = None, None
         hist0 = _history.empty(capacity, opts.tableau.degree, y0) if keep_all or ring else None
     else:
-        taus = delays_of(prob, p, dtype, opts.on_error)
+        taus, _ = solve_delays(prob, p, dtype, opts, opts.on_error)
         check_output(jax.eval_shape(lambda: jnp.asarray(prob.history(t0, p))), y0, "history(t, p)")
         lag_shape = (taus.shape[0],) + y0.shape
         out = jax.eval_shape(lambda: prob.rhs(t0, y0, jnp.zeros(lag_shape, dtype), p))

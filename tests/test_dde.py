@@ -100,3 +100,48 @@ def test_history_parameters_enter_the_solution(refcases):
     base = sv.solve(linear_dde(), p).ys
     moved = sv.solve(linear_dde(), {**p, "c": p["c"] + 0.1}).ys
     assert float(jnp.abs(moved - base)[0]) > 1e-3
+
+
+def _jump_problem(t0):
+    """x' = -0.3 x - 0.8 x(t - 0.1) on [t0, t0 + 3], history 1, x(t0) = 0.5 (a jump at t0)."""
+    return sv.DDEProblem(lambda t, x, lag, p: -0.3 * x - 0.8 * lag[0], lambda t, p: jnp.ones_like(t),
+                         lambda p: jnp.array([0.1]), t0, t0 + 3.0, x0=0.5)
+
+
+def test_a_jump_at_a_nonzero_t0_is_read_on_the_right_side():
+    """The same autonomous problem started at t0 = 0.3 and at 0: the same steps and values. At
+    t0 = 0.3 the lookups at t0 + kτ - τ ((0.3 + 0.1) - 0.1 = 0.30000000000000004) fell one ulp
+    past t0, on x0's side of the jump: the step's last stages read the wrong value, and the error
+    control took 139 steps (32 rejected) for 67."""
+    rel = jnp.array([0.45, 1.3, 2.2, 3.0])
+    at0 = sv.solve(_jump_problem(0.0), None, saveat=rel, rtol=1e-11, atol=1e-12)
+    shifted = sv.solve(_jump_problem(0.3), None, saveat=rel + 0.3, rtol=1e-11, atol=1e-12)
+    assert int(shifted.stats["steps"]) == int(at0.stats["steps"])
+    assert int(shifted.stats["rejected"]) == int(at0.stats["rejected"])
+    np.testing.assert_allclose(shifted.ys, at0.ys, rtol=0, atol=1e-14)
+
+
+def test_commensurate_delays_are_moved_apart_by_some_hundred_ulps():
+    """separating_shift: zero for one delay and for delays whose breakpoints stay apart; for
+    τ = (0.2, 0.1) (0.2 is 2 × 0.1 in floats), two equal and three commensurate delays a shift
+    below 1e-10 of the delays after which every two breakpoints in (t0, t1) lie at least the
+    separation apart."""
+    from solvers._breakpoints import breakpoint_times, separating_shift
+    from solvers._history import side_tolerance
+
+    t0, t1 = jnp.asarray(0.0), jnp.asarray(2.0)
+    tol, c2 = side_tolerance(t0, t1), 0.161
+    sep = 2 * float(tol) / c2 * 128  # float64
+
+    def gaps(taus):
+        b = np.sort(np.asarray(breakpoint_times(t0, taus, 6)))
+        b = b[(b > 0) & (b < 2)]
+        return np.diff(b)
+
+    assert not np.any(np.asarray(separating_shift(jnp.array([0.3]), t0, t1, 6, tol, c2)))
+    assert not np.any(np.asarray(separating_shift(jnp.array([0.7, 0.45]), t0, t1, 6, tol, c2)))
+    for taus in (jnp.array([0.2, 0.1]), jnp.array([0.5, 0.5]), jnp.array([0.3, 0.2, 0.1])):
+        assert np.min(gaps(taus)) < sep
+        shift = separating_shift(taus, t0, t1, 6, tol, c2)
+        assert 0 < float(jnp.max(jnp.abs(shift) / taus)) < 1e-10
+        assert np.min(gaps(taus + shift)) >= sep

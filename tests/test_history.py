@@ -97,3 +97,21 @@ def test_checkpoint_windows_that_do_not_fit_are_flagged():
     assert bool(w.ok) and int(w.log.count) == 2
     w = _history.save_window(w, 2, _ring(4, ends), 2.75)  # 2 more do not
     assert not bool(w.ok) and int(w.log.count) == 2
+
+
+def test_a_lookup_a_few_ulps_off_a_boundary_reads_the_side_it_asks_for():
+    """A breakpoint's image t - τ and the stored step end it stands for are different sums of the
+    same delays: (0.3 + 0.1) - 0.1 is 0.30000000000000004, one ulp past a step ending at 0.3.
+    Read exactly, a left-sided lookup there took the next step (the other side of a jump in x
+    at t0 = 0.3: a DDE's gradient in τ was off by 140%); within side_tolerance it counts as 0.3.
+    A time well inside a step is unaffected."""
+    hist = _ring(4, [0.1, 0.3, 0.5], first_coeff=lambda k: 10.0 * k)  # y = t + 10k on step k
+    q = (0.3 + 0.1) - 0.1
+    assert q > 0.3
+    assert float(_history.lookup(hist, q, True)[0]) == pytest.approx(10.0 + q, abs=1e-12)  # step 1, left
+    assert float(_history.lookup(hist, q, False)[0]) == pytest.approx(20.0 + q, abs=1e-12)  # step 2, right
+    below = np.nextafter(0.3, 0.0)
+    assert float(_history.lookup(hist, below, False)[0]) == pytest.approx(20.0 + below, abs=1e-12)
+    assert float(_history.lookup(hist, 0.3 + 1e-9, True)[0]) == pytest.approx(20.3 + 1e-9, abs=1e-12)
+    assert bool(_history.before(0.3, q, True, _history.side_tolerance(q))) is False  # at t0: history side
+    assert bool(_history.before(0.3, q, True)) is True  # exactly read: the buffer's side

@@ -501,12 +501,11 @@ def test_gradient_with_respect_to_save_times(refcases, sensitivity):
 @pytest.mark.slow
 @pytest.mark.parametrize("sensitivity", DDE_METHODS, ids=ids)
 def test_two_equal_delays(sensitivity):
-    """x' = -a x(t-τ1) - b x(t-τ2) with τ1 = τ2 = 0.5 and a jump at t0: the delay gradient
-    against central differences. The continuous adjoints split it right (1e-10). Backprop and
-    ForwardMode differentiate a step grid that lands once on the shared breakpoint, whose time
-    follows one of the delays only: what they get right is the sum (the derivative along
-    τ1 = τ2), checked for every method; their split is not (0.028/0.096 for 0.052/0.073: a
-    known limit, README), so the split is checked for the continuous adjoints only."""
+    """x' = -a x(t-τ1) - b x(t-τ2) with τ1 = τ2 = 0.5 and a jump at t0: each delay's gradient
+    against central differences. The two delays' breakpoints coincide; the grid used to land once
+    on them, at a time that followed one delay only, and Backprop and ForwardMode split the delay
+    gradient wrongly (0.028 and 0.096 for 0.052 and 0.073). The solve now moves the delays apart
+    by ~1e-13 (_breakpoints.separating_shift) and lands on each."""
     rhs = lambda t, x, lag, p: -p["a"] * lag[0] - p["b"] * lag[1]
     prob = sv.DDEProblem(rhs, lambda t, p: p["c"] * jnp.ones_like(t), lambda p: p["tau"], 0.0, 3.0,
                          x0=lambda p: p["x0"])
@@ -518,8 +517,75 @@ def test_two_equal_delays(sensitivity):
     g = jax.jit(jax.grad(lambda tau: L(tau, sensitivity)))(p["tau"])
     f = jax.jit(lambda tau: L(tau, sv.Backprop()))
     eps = 1e-6
-    fd_sum = (f(p["tau"] + eps) - f(p["tau"] - eps)) / (2 * eps)
-    assert abs(float(jnp.sum(g)) - float(fd_sum)) < 1e-7 * abs(float(fd_sum))
-    if not isinstance(sensitivity, (sv.Backprop, sv.ForwardMode)):
-        fd = np.array([(f(p["tau"].at[i].add(eps)) - f(p["tau"].at[i].add(-eps))) / (2 * eps) for i in range(2)])
-        assert float(np.max(np.abs(np.asarray(g) - fd)) / np.max(np.abs(fd))) < 1e-7
+    fd = np.array([(f(p["tau"].at[i].add(eps)) - f(p["tau"].at[i].add(-eps))) / (2 * eps) for i in range(2)])
+    assert float(np.max(np.abs(np.asarray(g) - fd)) / np.max(np.abs(fd))) < 1e-7, (np.asarray(g), fd)
+
+
+def _two_delays(t0=0.0):
+    """x' = -a1 x(t-τ1) - a2 x(t-τ2), history c, x(t0) = x0 (a jump), on [t0, t0 + 2]."""
+    rhs = lambda t, x, lag, p: -p["a1"] * lag[0] - p["a2"] * lag[1]
+    return sv.DDEProblem(rhs, lambda t, p: p["c"] * jnp.ones_like(t), lambda p: jnp.stack([p["t1"], p["t2"]]),
+                         t0, t0 + 2.0, x0=lambda p: p["x0"])
+
+
+_COMMENSURATE = {"a1": 0.7, "a2": 0.4, "t1": 0.2, "t2": 0.1, "c": 1.0, "x0": 0.5}  # 0.2 == 2 * 0.1 in floats
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sensitivity", DDE_METHODS, ids=ids)
+def test_commensurate_delays(sensitivity):
+    """τ1 = 2τ2: breakpoints of different origin fall on one float (2τ2 = τ1, τ1 + τ2 = 3τ2, ...).
+    Every parameter's gradient against central differences. Before the solve moved the delays
+    apart, Backprop and ForwardMode returned dL/dτ1 = -0.050 and dL/dτ2 = -0.266 for -0.147 and
+    -0.079 (the landing on 0.2 followed 2τ2 only), InterpolatingAdjoint was off by 1.9e-4 (a
+    stage read λ on the wrong side of an observation's jump, see test_history)."""
+    p = {k: jnp.asarray(v) for k, v in _COMMENSURATE.items()}
+    obs = jnp.array([0.45, 0.95, 1.35, 2.0])
+    L = lambda p, s: 0.5 * jnp.sum(sv.solve(_two_delays(), p, saveat=obs, rtol=1e-10, atol=1e-12,
+                                            sensitivity=s).ys ** 2)
+    g = jax.jit(jax.grad(lambda p: L(p, sensitivity)))(p)
+    f, eps = jax.jit(lambda p: L(p, sv.Backprop())), 1e-6
+    fd = {k: float(f({**p, k: p[k] + eps}) - f({**p, k: p[k] - eps})) / (2 * eps) for k in p}
+    scale = max(abs(v) for v in fd.values())
+    for k in p:
+        assert abs(float(g[k]) - fd[k]) < 1e-7 * scale, (k, float(g[k]), fd[k])
+
+
+@pytest.mark.slow
+def test_commensurate_delays_hessian_vector_product():
+    """Through the step grid of test_commensurate_delays, a Hessian-vector product against
+    central differences of the gradient (one program for both). Before, every component was off
+    by 0.02-0.07 of about 0.1 (dτ1: -0.097 for -0.134)."""
+    p = {k: jnp.asarray(v) for k, v in _COMMENSURATE.items()}
+    obs = jnp.array([0.45, 0.95, 1.35, 2.0])
+    L = lambda p: 0.5 * jnp.sum(sv.solve(_two_delays(), p, saveat=obs, rtol=1e-10, atol=1e-12,
+                                         sensitivity=sv.Backprop()).ys ** 2)
+    v = {k: jnp.asarray(0.1 * (i + 1)) for i, k in enumerate(p)}
+    grad_and_hvp = jax.jit(lambda p: jax.jvp(jax.grad(L), (p,), (v,)))
+    hv = grad_and_hvp(p)[1]
+    eps = 1e-4
+    shift = lambda s: jax.tree_util.tree_map(lambda a, b: a + s * eps * b, p, v)
+    gp, gm = grad_and_hvp(shift(1))[0], grad_and_hvp(shift(-1))[0]
+    for k in p:
+        assert abs(float(hv[k]) - float((gp[k] - gm[k]) / (2 * eps))) < 1e-6, k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sensitivity", DDE_METHODS, ids=ids)
+def test_delay_gradient_with_a_jump_at_a_nonzero_t0(sensitivity):
+    """One delay, t0 = 0.3, x0 != history: the τ-gradient against central differences. The
+    lookup at (t0 + τ) - τ fell an ulp past t0, on x0's side of the jump (test_history): the
+    gradient was -0.13428 for -0.13410 (Backprop, ForwardMode, QuadratureAdjoint) and -0.1434
+    (InterpolatingAdjoint); at τ = 0.1 Backprop's was off by 0.2."""
+    rhs = lambda t, x, lag, p: p["a"] * x + p["b"] * lag[0]
+    prob = sv.DDEProblem(rhs, lambda t, p: p["c"] * jnp.ones_like(t), lambda p: jnp.stack([p["tau"]]), 0.3, 3.3,
+                         x0=lambda p: p["x0"])
+    p = {"a": jnp.asarray(-0.3), "b": jnp.asarray(-0.8), "tau": jnp.asarray(0.2), "c": jnp.asarray(1.0),
+         "x0": jnp.asarray(0.5)}
+    obs = jnp.array([0.75, 1.6, 2.5, 3.3])
+    L = lambda tau, s: 0.5 * jnp.sum(sv.solve(prob, {**p, "tau": tau}, saveat=obs, rtol=1e-10, atol=1e-12,
+                                              sensitivity=s).ys ** 2)
+    g = float(jax.jit(jax.grad(lambda tau: L(tau, sensitivity)))(p["tau"]))
+    f, eps = jax.jit(lambda tau: L(tau, sv.Backprop())), 1e-6
+    fd = float(f(p["tau"] + eps) - f(p["tau"] - eps)) / (2 * eps)
+    assert abs(g - fd) < 1e-7 * abs(fd), (g, fd)

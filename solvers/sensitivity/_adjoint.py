@@ -39,7 +39,7 @@ from .. import _forward, _history
 from . import _closure
 from .._breakpoints import breakpoint_times, stop_times
 from .._problem import DDEProblem, GradientField
-from .._setup import build, delays_of, initial_state, lagged_values, unified_rhs
+from .._setup import build, delays_of, initial_state, lagged_values, solve_delays, unified_rhs
 from ._objects import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint
 
 
@@ -156,7 +156,8 @@ def _checkpoint_times(prob, p, saveat, opts, sens):
     uniform = t0 + (t1 - t0) * jnp.linspace(0.0, 1.0, n + 1, dtype=dtype)
     landed = [saveat.astype(dtype)]
     if isinstance(prob, DDEProblem) and opts.track_breakpoints:
-        landed.append(breakpoint_times(t0, delays_of(prob, p, dtype, "off"), opts.tableau.order + 1))  # build checks
+        landed.append(breakpoint_times(t0, solve_delays(prob, p, dtype, opts, "off")[0],
+                                       opts.tableau.order + 1))  # build checks
     landed = jax.lax.stop_gradient(jnp.concatenate(landed))
     landed = jnp.where((landed > t0) & (landed < t1), landed, jnp.inf)
     inner = uniform[1:-1]
@@ -170,21 +171,21 @@ class _Forward:
     """Forward-solution oracle for the backward sweep: x(t) and the delayed values at t,
     read from a history buffer of dense output (values before t0 from the history)."""
 
-    def __init__(self, prob, t0, hist, like):
-        self.prob, self.t0, self.hist, self.like = prob, t0, hist, like
+    def __init__(self, prob, t0, hist, like, shift):
+        self.prob, self.t0, self.hist, self.like, self.shift = prob, t0, hist, like, shift
         self.is_dde = isinstance(prob, DDEProblem)
 
     def x(self, t, left, p):
         value = _history.lookup(self.hist, t, left)
         if self.is_dde:
-            before = ~_history.before(self.t0, t, left)  # t <= t0 (left), t < t0 (right)
+            before = ~_history.before(self.t0, t, left, _history.side_tolerance(t, self.t0))  # t <= t0 (left)
             value = jnp.where(before, jnp.asarray(self.prob.history(t, p), self.like.dtype), value)
         return value
 
     def lags(self, t, left, p):
         if not self.is_dde:
             return None
-        taus = delays_of(self.prob, p, self.like.dtype, "off")  # checked once in _backward
+        taus = delays_of(self.prob, p, self.like.dtype, "off") + self.shift  # checked once in _backward
         return lagged_values(self.prob, p, taus, self.t0, self.hist, t, left, self.like)
 
 
@@ -197,7 +198,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     n_p = p_flat.size
     f = unified_rhs(prob)
     t0, T = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
-    taus = delays_of(prob, p, dtype, opts.on_error) if is_dde else None
+    taus, shift = solve_delays(prob, p, dtype, opts, opts.on_error) if is_dde else (None, None)
     backsolve = isinstance(sens, BacksolveAdjoint)
     quadrature = isinstance(sens, QuadratureAdjoint)
     # under vmap every trajectory carries its own ∫ f_pᵀλ: integrated at every stage it is read
@@ -249,7 +250,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         for j in range(m):
             q = s - taus[j]
             slope = _history.lookup_derivative(hist_b, q, left)[j * n:(j + 1) * n].reshape(shape)
-            before = (q <= s_start) if left else (q < s_start)
+            before = ~_history.before(s_start, q, left, _history.side_tolerance(q, s))  # q <= s_start (left)
             total = total + jnp.where(before, 0.0, slope)
         return total
 
@@ -349,10 +350,10 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
                             impulses=impulses, probe_times=probe_times)
 
     if checkpoint_times is None:
-        fwd = None if backsolve else _Forward(prob, t0, residual, y0)
+        fwd = None if backsolve else _Forward(prob, t0, residual, y0, shift)
         final = sweep(None, fwd, s_end)
     else:
-        final = _interpolating_sweep(prob, p, saveat, opts, residual, checkpoint_times, sweep, y0, taus)
+        final = _interpolating_sweep(prob, p, saveat, opts, residual, checkpoint_times, sweep, y0, taus, shift)
     Z = check_status(final.y, final.status, opts)
 
     lam0 = Z[:n].reshape(shape)
@@ -425,7 +426,7 @@ def _jump_terms(prob, p, lam_probe, fwd_probes, taus, t0, y0, f):
     return ravel_pytree(vjp(jnp.stack(brackets))[0])[0]
 
 
-def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, sweep, y0, taus):
+def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, sweep, y0, taus, shift):
     """Backward over the segments in reverse. The last segments, those whose steps (and, for a
     DDE, the last max τ before them) the forward's final history buffer still holds, are swept
     straight from it: all of them when the solve took at most history_size steps. Each earlier
@@ -457,10 +458,10 @@ def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, s
         state_b, work, status = carry
         i = first_held - 1 - j
         hist, st = resolve(i, work)
-        state_b = sweep(state_b, _Forward(prob, built.t0, hist, y0), -checkpoint_times[i])
+        state_b = sweep(state_b, _Forward(prob, built.t0, hist, y0, shift), -checkpoint_times[i])
         return state_b, hist, jnp.maximum(status, st)
 
-    state_b = sweep(None, _Forward(prob, built.t0, ring, y0), -checkpoint_times[first_held])
+    state_b = sweep(None, _Forward(prob, built.t0, ring, y0, shift), -checkpoint_times[first_held])
     work = _history.empty(opts.history_size, opts.tableau.degree, y0)
     state_b, _, status = jax.lax.fori_loop(0, first_held, segment, (state_b, work, jnp.asarray(_forward.OK, jnp.int32)))
     return state_b._replace(status=jnp.where(status != _forward.OK, status, state_b.status))
