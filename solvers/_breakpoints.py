@@ -34,7 +34,7 @@ def _shift_candidates(m: int) -> np.ndarray:
     """Directions of m delays (random weights in ±[1, 2), fixed per m) at sizes 1/2 .. 32, as
     rows in units of the separation, sorted by their largest entry, after a zero row."""
     rng = np.random.default_rng(m)
-    dirs = rng.uniform(1.0, 2.0, (32, m)) * rng.choice([-1.0, 1.0], (32, m))
+    dirs = rng.uniform(1.0, 2.0, (16, m)) * rng.choice([-1.0, 1.0], (16, m))
     rows = (np.array([0.5, 1, 2, 4, 8, 16, 32])[:, None, None] * dirs[None]).reshape(-1, m)
     rows = rows[np.argsort(np.max(np.abs(rows), axis=1), kind="stable")]
     return np.concatenate([np.zeros((1, m)), rows])

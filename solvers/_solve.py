@@ -123,9 +123,10 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     polynomial on the side it lies, not landed on apart from it); with
     ``land_on_saveat=False`` save times are read from the dense output (order 4 for
     Tsit5/Dopri5) and cost no extra steps, as in diffrax.
-    A DDE whose delays put two breakpoints on one time (commensurate delays: τ1 = 2τ2) is
-    solved with the delays moved apart, without derivative, by ~1e-11 of themselves in float64
-    (up to 7e-4 in float32), so that each breakpoint gets its own landing (see README).
+    A DDE whose delays put two breakpoints on one time (commensurate delays: τ1 = 2τ2) and are
+    traced (differentiated, batched, or under jit) is solved with the delays moved apart,
+    without derivative, by ~1e-11 of themselves in float64 (up to 9e-4 in float32), so that
+    each breakpoint gets its own landing and dL/dτ sees each move (see README).
     solver: an ``ExplicitRK`` (default ``Tsit5()``); RK4 and Euler need ``dt0``.
     sensitivity: how ``jax.grad`` differentiates the solve (default
     ``InterpolatingAdjoint(checkpoints=16)``; see ``solvers.sensitivity``).
@@ -188,8 +189,11 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     saveat = jnp.reshape(t1, (1,)) if saveat is None else jnp.asarray(saveat, dtype)
     if saveat.ndim != 1 or saveat.shape[0] == 0:
         raise ValueError(f"saveat must be a non-empty 1-D array of times, got shape {saveat.shape}")
+    # delays that are constants here (no tracer: nothing differentiates or batches them) keep one
+    # landing for coinciding breakpoints; traced ones are moved apart (_setup.solve_delays)
+    separate = isinstance(prob, DDEProblem) and not is_concrete(jnp.asarray(prob.delays(p)))
     opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,
-                   bool(land_on_saveat), bool(_track_breakpoints), throw)
+                   bool(land_on_saveat), bool(_track_breakpoints), throw, separate)
     if not _outside_jit_and_vmap((prob, p, saveat, dt0)):
         return _solve_traced(prob, p, saveat, dt0, opts, sensitivity)
     if isinstance(prob, DDEProblem) and _all_concrete(p):

@@ -145,3 +145,14 @@ def test_commensurate_delays_are_moved_apart_by_some_hundred_ulps():
         shift = separating_shift(taus, t0, t1, 6, tol, c2)
         assert 0 < float(jnp.max(jnp.abs(shift) / taus)) < 1e-10
         assert np.min(gaps(taus + shift)) >= sep
+
+
+def test_constant_commensurate_delays_keep_one_landing_per_time():
+    """Delays that are constants where solve is called have no derivative: coinciding breakpoints
+    keep one landing (8 evenly spaced delays on [0, 3]: 49 steps). Moved apart, as traced delays
+    are, each of the 3002 breakpoints would take a landing of its own (819 steps: the history
+    buffer of 256 overflows, as it does for 8 generic delays, 885 steps)."""
+    rhs = lambda t, x, lag, p: -0.5 * jnp.mean(lag, axis=0) + 0.1 * x
+    prob = sv.DDEProblem(rhs, lambda t, p: jnp.ones_like(t), lambda p: p, 0.0, 3.0, x0=0.5)
+    sol = sv.solve(prob, jnp.asarray(np.linspace(0.3, 1.0, 8)), rtol=1e-8, atol=1e-10)
+    assert int(sol.stats["steps"]) < 100, sol.stats
