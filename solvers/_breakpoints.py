@@ -49,12 +49,12 @@ def separating_shift(taus, t0, t1, max_level: int, side_tol, min_stage: float):
 
     Commensurate delays (τ1 = 2τ2, or two equal ones) put breakpoints of different origin on one
     float, and a landing there moves with only one of them: the gradient then missed the other's
-    motion (dL/dτ off by 60% on a two-delay problem). Breakpoints a few ulps apart leave a step of
+    motion (dL/dτ1 -0.050 for -0.147 on a two-delay problem). Breakpoints a few ulps apart leave a step of
     a few ulps, whose stages read the history on the wrong side of a jump. Moving the delays apart
     gives each breakpoint its own landing, with room between two of them for the step's first
     interior stage (node min_stage) to clear the lookups' rounding allowance side_tol. The shift
-    is 1e-11 of the delays for τ = (0.2, 0.1) on [0, 2] (float64; 1e-10 for four commensurate
-    delays; 1e-5 to 7e-4 in float32); values change by as much as the delays do; it carries no
+    is 2e-11 of the delays for τ = (0.2, 0.1) on [0, 2] (float64; 2e-10 for four commensurate
+    delays; 2e-5 to 9e-4 in float32); values change by as much as the delays do; it carries no
     derivative (DESIGN.md, Breakpoints)."""
     m = taus.shape[0]
     if m == 1:
