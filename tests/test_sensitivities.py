@@ -571,27 +571,6 @@ def test_commensurate_delays_hessian_vector_product():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sensitivity", DDE_METHODS, ids=ids)
-def test_delay_gradient_with_a_jump_at_a_nonzero_t0(sensitivity):
-    """One delay, t0 = 0.3, x0 != history: the τ-gradient against central differences. The
-    lookup at (t0 + τ) - τ fell an ulp past t0, on x0's side of the jump (test_history): the
-    gradient was -0.13428 for -0.13410 (Backprop, ForwardMode, QuadratureAdjoint) and -0.1434
-    (InterpolatingAdjoint); at τ = 0.1 Backprop's was off by 0.2."""
-    rhs = lambda t, x, lag, p: p["a"] * x + p["b"] * lag[0]
-    prob = sv.DDEProblem(rhs, lambda t, p: p["c"] * jnp.ones_like(t), lambda p: jnp.stack([p["tau"]]), 0.3, 3.3,
-                         x0=lambda p: p["x0"])
-    p = {"a": jnp.asarray(-0.3), "b": jnp.asarray(-0.8), "tau": jnp.asarray(0.2), "c": jnp.asarray(1.0),
-         "x0": jnp.asarray(0.5)}
-    obs = jnp.array([0.75, 1.6, 2.5, 3.3])
-    L = lambda tau, s: 0.5 * jnp.sum(sv.solve(prob, {**p, "tau": tau}, saveat=obs, rtol=1e-10, atol=1e-12,
-                                              sensitivity=s).ys ** 2)
-    g = float(jax.jit(jax.grad(lambda tau: L(tau, sensitivity)))(p["tau"]))
-    f, eps = jax.jit(lambda tau: L(tau, sv.Backprop())), 1e-6
-    fd = float(f(p["tau"] + eps) - f(p["tau"] - eps)) / (2 * eps)
-    assert abs(g - fd) < 1e-7 * abs(fd), (g, fd)
-
-
-@pytest.mark.slow
 def test_commensurate_delays_float32():
     """test_commensurate_delays in float32 (the GPU path; the delays move apart by ~6e-5 of
     themselves there): Backprop's gradient within 1e-4 of the exact float64 one (2.8e-5 here).
@@ -611,9 +590,11 @@ def test_commensurate_delays_float32():
 def test_two_delay_configurations_every_method_against_differences():
     """Nonlinear two-delay DDEs from t0 = 0.37 with a jump there: commensurate, equal and generic
     delays, every method's gradient against central differences (one compiled program per
-    method for all configurations). On the code before lookups got their side tolerance and
-    commensurate delays were moved apart, 11 of 12 such configurations had a method off by more
-    than 1e-6 (the worst 0.61); all are within 4e-7 now."""
+    method for all configurations). With a jump at a nonzero t0, lookups at (t0 + τ) - τ fell an
+    ulp past t0, on x0's side (test_history): with the generic delays (0.425, 0.513) every method
+    was off by 1.9e-3. On the code before lookups got their side tolerance and commensurate
+    delays were moved apart, 11 of 12 such configurations had a method off by more than 1e-6
+    (the worst 0.61); all are within 4e-7 now."""
     t0 = 0.37
     rhs = lambda t, x, lag, p: -p["a1"] * lag[0] - p["a2"] * jnp.tanh(lag[1]) + p["a3"] * x
     prob = sv.DDEProblem(rhs, lambda t, p: p["c"] + 0.3 * jnp.sin(t), lambda p: jnp.stack([p["t1"], p["t2"]]),
