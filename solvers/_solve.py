@@ -8,6 +8,7 @@ import math
 
 import equinox as eqx
 import jax
+import jax.extend
 import jax.numpy as jnp
 from jax import lax
 
@@ -189,9 +190,7 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     saveat = jnp.reshape(t1, (1,)) if saveat is None else jnp.asarray(saveat, dtype)
     if saveat.ndim != 1 or saveat.shape[0] == 0:
         raise ValueError(f"saveat must be a non-empty 1-D array of times, got shape {saveat.shape}")
-    # delays that are constants here (no tracer: nothing differentiates or batches them) keep one
-    # landing for coinciding breakpoints; traced ones are moved apart (_setup.solve_delays)
-    separate = isinstance(prob, DDEProblem) and not is_concrete(jnp.asarray(prob.delays(p)))
+    separate = isinstance(prob, DDEProblem) and _delays_are_traced(prob, p)
     opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,
                    bool(land_on_saveat), bool(_track_breakpoints), throw, separate)
     if not _outside_jit_and_vmap((prob, p, saveat, dt0)):
@@ -235,6 +234,23 @@ def _solve_compiled(prob, p, saveat, dt0, opts: Options, sensitivity) -> Solutio
     solve stays inline: wrapped in a jit there, vmap then linearize of equinox's checkpointed
     loop failed to trace (test_vmap_never_copies_the_weights_per_trajectory)."""
     return _solve_traced(prob, p, saveat, dt0, opts, sensitivity)
+
+
+def _delays_are_traced(prob, p) -> bool:
+    """Whether delays(p) depends on a traced value (a leaf of p or a value it closes over): only
+    then can it carry a derivative or a batch, and coinciding breakpoints need a landing each
+    (_setup.solve_delays). Read from its jaxpr: under jit JAX stages even a constant array, so
+    the value itself cannot tell."""
+    closed = jax.make_jaxpr(lambda q: jnp.asarray(prob.delays(q)))(p)
+    jaxpr = closed.jaxpr
+    leaves = jax.tree_util.tree_leaves(p)
+    live = {v for v, leaf in zip(jaxpr.invars, leaves) if not is_concrete(leaf)}
+    live |= {v for v, c in zip(jaxpr.constvars, closed.consts) if not is_concrete(c)}
+    is_var = lambda v: isinstance(v, jax.extend.core.Var)  # not a Literal
+    for eqn in jaxpr.eqns:
+        if any(is_var(v) and v in live for v in eqn.invars):
+            live.update(eqn.outvars)
+    return any(is_var(v) and v in live for v in jaxpr.outvars)
 
 
 def _solve_traced(prob, p, saveat, dt0, opts: Options, sensitivity) -> Solution:

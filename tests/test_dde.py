@@ -1,3 +1,4 @@
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -156,3 +157,9 @@ def test_constant_commensurate_delays_keep_one_landing_per_time():
     prob = sv.DDEProblem(rhs, lambda t, p: jnp.ones_like(t), lambda p: p, 0.0, 3.0, x0=0.5)
     sol = sv.solve(prob, jnp.asarray(np.linspace(0.3, 1.0, 8)), rtol=1e-8, atol=1e-10)
     assert int(sol.stats["steps"]) < 100, sol.stats
+    # under jit (as the training pipeline runs), delays that do not depend on what is traced: JAX
+    # stages even a constant array there, so solve reads the dependence from the delays' jaxpr
+    fixed = sv.DDEProblem(lambda t, x, lag, p: p * jnp.mean(lag, axis=0) + 0.1 * x, lambda t, p: jnp.ones_like(t),
+                          lambda p: jnp.asarray(np.linspace(0.3, 1.0, 8)), 0.0, 3.0, x0=0.5)
+    steps = jax.jit(lambda a: sv.solve(fixed, a, rtol=1e-8, atol=1e-10).stats["steps"])(-0.5)
+    assert int(steps) == int(sol.stats["steps"]), int(steps)
