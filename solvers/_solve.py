@@ -124,8 +124,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     polynomial on the side it lies, not landed on apart from it); with
     ``land_on_saveat=False`` save times are read from the dense output (order 4 for
     Tsit5/Dopri5) and cost no extra steps, as in diffrax.
-    A DDE whose delays put two breakpoints on one time (commensurate delays: τ1 = 2τ2) and are
-    traced (differentiated, batched, or under jit) is solved with the delays moved apart,
+    A DDE whose delays put two breakpoints on one time (commensurate delays: τ1 = 2τ2) and
+    depend on a traced value (p under jax.grad, jax.jit or jax.vmap) is solved with them moved apart,
     without derivative, by ~1e-11 of themselves in float64 (up to 9e-4 in float32), so that
     each breakpoint gets its own landing and dL/dτ sees each move (see README).
     solver: an ``ExplicitRK`` (default ``Tsit5()``); RK4 and Euler need ``dt0``.
