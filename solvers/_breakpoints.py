@@ -30,6 +30,11 @@ def breakpoint_times(t0, delays, max_level: int):
     return jnp.reshape(jnp.reshape(jnp.asarray(t0, delays.dtype), (-1, 1)) + shifts[None, :], (-1,))
 
 
+def _inside(breakpoints, t0, t1, dtype):
+    """The breakpoints in (t0, t1); the others pushed to +inf (shapes stay static)."""
+    return jnp.where((breakpoints > t0) & (breakpoints < t1), breakpoints.astype(dtype), jnp.asarray(jnp.inf, dtype))
+
+
 def _shift_candidates(m: int) -> np.ndarray:
     """Directions of m delays (random weights in ±[1, 2), fixed per m) at sizes 1/2 .. 32, as
     rows in units of the separation, sorted by their largest entry, after a zero row."""
@@ -49,11 +54,11 @@ def separating_shift(taus, t0, t1, max_level: int, side_tol, min_stage: float):
 
     Commensurate delays (τ1 = 2τ2, or two equal ones) put breakpoints of different origin on one
     float, and a landing there moves with only one of them: the gradient then missed the other's
-    motion (dL/dτ1 -0.050 for -0.147 on a two-delay problem). Breakpoints a few ulps apart leave a step of
-    a few ulps, whose stages read the history on the wrong side of a jump. Moving the delays apart
-    gives each breakpoint its own landing, with room between two of them for the step's first
-    interior stage (node min_stage) to clear the lookups' rounding allowance side_tol. The shift
-    is 2e-11 of the delays for τ = (0.2, 0.1) on [0, 2] (float64; 2e-10 for four commensurate
+    motion (dL/dτ1 -0.050 for -0.147 on a two-delay problem). Breakpoints a few ulps apart leave
+    a step of a few ulps, whose stages read the history on the wrong side of a jump. Moving the
+    delays apart gives each breakpoint its own landing, with room between two of them for the
+    step's first interior stage (node min_stage) to clear the lookups' rounding allowance
+    side_tol. The shift is 2e-11 of the delays for τ = (0.2, 0.1) on [0, 2] (float64; 2e-10 for four commensurate
     delays; 2e-5 to 9e-4 in float32); values change by as much as the delays do; it carries no
     derivative (DESIGN.md, Breakpoints)."""
     m = taus.shape[0]
@@ -66,18 +71,13 @@ def separating_shift(taus, t0, t1, max_level: int, side_tol, min_stage: float):
     shifts = jnp.asarray(_shift_candidates(m), dtype) * sep  # (candidates, m), smallest first
     n = jnp.asarray(multi_indices(m, max_level), dtype)
     bps = jnp.asarray(t0, dtype) + (taus[None, :] + shifts) @ n.T  # (candidates, breakpoints)
-    bps = jnp.sort(jnp.where((bps > t0) & (bps < t1), bps, jnp.inf), axis=1)
+    bps = jnp.sort(_inside(bps, t0, t1, dtype), axis=1)
     gaps = jnp.where(jnp.isfinite(bps[:, 1:]), bps[:, 1:] - bps[:, :-1], jnp.inf)
     min_gap = jnp.min(gaps, axis=1)
     small = jnp.all(jnp.abs(shifts) <= taus[None, :] * 2.0**-10, axis=1)
     ok = small & (min_gap >= sep)
     choice = jnp.where(jnp.any(ok), jnp.argmax(ok), jnp.argmax(jnp.where(small, min_gap, -jnp.inf)))
     return shifts[choice]
-
-
-def _inside(breakpoints, t0, t1, dtype):
-    """The breakpoints in (t0, t1); the others pushed to +inf (shapes stay static)."""
-    return jnp.where((breakpoints > t0) & (breakpoints < t1), breakpoints.astype(dtype), jnp.asarray(jnp.inf, dtype))
 
 
 def saves_off_breakpoints(saveat, breakpoints, t0, t1):

@@ -29,7 +29,7 @@ class Options:
     land_on_saveat: bool
     track_breakpoints: bool
     throw: bool = True
-    separate_breakpoints: bool = True  # False: the delays are constants (see solve_delays)
+    separate_breakpoints: bool = True  # False: the delays depend on nothing traced (see solve_delays)
 
     @property
     def on_error(self) -> str:
@@ -101,10 +101,10 @@ def delays_of(prob: DDEProblem, p, dtype, on_error="default"):
 def solve_delays(prob: DDEProblem, p, dtype, opts: Options, on_error="default"):
     """(delays the solve uses, their shift from delays(p)): delays(p) moved apart where two of
     their breakpoints would coincide (see _breakpoints.separating_shift); the shift carries no
-    derivative, so d/dp is that of delays(p). Delays that ``solve`` found concrete where it was
-    called (opts.separate_breakpoints False) are used as they are: they have no derivative, and
-    one landing serves coinciding breakpoints (each landing of its own costs a step: 8 evenly
-    spaced delays on [0, 3] take 819 steps instead of 49)."""
+    derivative, so d/dp is that of delays(p). Delays that depend on nothing traced where
+    ``solve`` was called (opts.separate_breakpoints False) are used as they are: they have no
+    derivative, and one landing serves coinciding breakpoints (each landing of its own costs a
+    step: 8 evenly spaced delays on [0, 3] take 819 steps instead of 49)."""
     taus = delays_of(prob, p, dtype, on_error)
     if not (opts.track_breakpoints and opts.separate_breakpoints):
         return taus, jnp.zeros_like(taus)
