@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -35,49 +36,79 @@ def _inside(breakpoints, t0, t1, dtype):
     return jnp.where((breakpoints > t0) & (breakpoints < t1), breakpoints.astype(dtype), jnp.asarray(jnp.inf, dtype))
 
 
-def _shift_candidates(m: int) -> np.ndarray:
-    """Directions of m delays (random weights in ±[1, 2), fixed per m) at sizes 1/2 .. 32, as
-    rows in units of the separation, sorted by their largest entry, after a zero row."""
+SIZES = (0.5, 1, 2, 4, 8, 16, 32)  # shift sizes tried, in units of the separation, smallest first
+SEPARATION = 4.0  # breakpoints apart by this many side tolerances (see separating_shift)
+SEPARATION_F64 = 1600.0
+
+
+def _shift_directions(m: int) -> np.ndarray:
+    """16 directions of m delays, random weights in ±[1, 2) fixed per m: (16, m)."""
     rng = np.random.default_rng(m)
-    dirs = rng.uniform(1.0, 2.0, (16, m)) * rng.choice([-1.0, 1.0], (16, m))
-    rows = (np.array([0.5, 1, 2, 4, 8, 16, 32])[:, None, None] * dirs[None]).reshape(-1, m)
-    rows = rows[np.argsort(np.max(np.abs(rows), axis=1), kind="stable")]
-    return np.concatenate([np.zeros((1, m)), rows])
+    return rng.uniform(1.0, 2.0, (16, m)) * rng.choice([-1.0, 1.0], (16, m))
 
 
-def separating_shift(taus, t0, t1, max_level: int, side_tol, min_stage: float):
-    """The smallest of a fixed set of shifts of the delays after which no two breakpoints of
-    levels <= max_level in (t0, t1) lie closer than the separation (2 side_tol / min_stage, 128x
-    that in float64); zero when none does (always for one delay). No delay moves by more than
-    2^-10 of itself: where that does not suffice (float32, delays far below t1), the best
-    separation within it.
+def _min_gaps(taus, shifts, t0, t1, n):
+    """For each row of shifts, the smallest distance between two breakpoints t0 + n·(τ + shift)
+    in (t0, t1) (+inf when fewer than two lie there)."""
+    dtype = taus.dtype
+    bps = jnp.asarray(t0, dtype) + (taus[None, :] + shifts) @ n.T  # (rows, breakpoints)
+    bps = jnp.sort(_inside(bps, t0, t1, dtype), axis=1)
+    gaps = jnp.where(jnp.isfinite(bps[:, 1:]), bps[:, 1:] - bps[:, :-1], jnp.inf)
+    return jnp.min(gaps, axis=1)
+
+
+def separating_shift(taus, t0, t1, max_level: int, side_tol):
+    """The shift of the delays after which no two breakpoints of levels <= max_level in (t0, t1)
+    lie closer than the separation (SEPARATION side_tol, SEPARATION_F64 side_tol in float64):
+    zero when none does (always for one delay), else the one of least relative size max_j
+    |shift_j| / τ_j among 32 directions (16 fixed ones, and the same scaled by τ_j / max τ) at the
+    smallest of SIZES where one does; the sizes are tried in turn and the search stops there. No
+    delay moves by more than 2^-10 of itself: where that does not suffice (float32, delays far
+    below t1), the best separation within it.
 
     Commensurate delays (τ1 = 2τ2, or two equal ones) put breakpoints of different origin on one
     float, and a landing there moves with only one of them: the gradient then missed the other's
     motion (dL/dτ1 -0.050 for -0.147 on a two-delay problem). Breakpoints a few ulps apart leave
     a step of a few ulps, whose stages read the history on the wrong side of a jump. Moving the
-    delays apart gives each breakpoint its own landing, with room between two of them for the
-    step's first interior stage (node min_stage) to clear the lookups' rounding allowance
-    side_tol. The shift is 2e-11 of the delays for τ = (0.2, 0.1) on [0, 2] (float64; 2e-10 for four commensurate
-    delays; 2e-5 to 9e-4 in float32); values change by as much as the delays do; it carries no
+    delays apart gives each breakpoint its own landing, with room between two of them for every
+    stage to clear the lookups' rounding allowance side_tol on the side it does not read
+    (_history.reads_left: at least half the step away, so twice 2 side_tol). The shift is 1e-11
+    of the delays for τ = (0.2, 0.1) on [0, 2] (float64; 1e-10 for four commensurate delays;
+    1e-5 to 3e-4 in float32); values change by as much as the delays do; it carries no
     derivative (DESIGN.md, Breakpoints)."""
     m = taus.shape[0]
     if m == 1:
         return jnp.zeros_like(taus)
     dtype = taus.dtype
-    # in float64 128x wider: second derivatives through the step between two breakpoints lose
-    # digits as ulp / gap (a τ Hessian-vector product off by 2e-6 at 8x, 1e-7 at 128x)
-    sep = 2.0 * side_tol / min_stage * (128.0 if dtype == jnp.float64 else 1.0)
-    shifts = jnp.asarray(_shift_candidates(m), dtype) * sep  # (candidates, m), smallest first
+    taus = jax.lax.stop_gradient(taus)  # the search is a loop: no derivative goes through it
+    # in float64 400x wider: second derivatives through the step between two breakpoints lose
+    # digits as ulp / gap (a τ Hessian-vector product for equal delays off by 2e-3 at 4 side_tol,
+    # 1.6e-4 at 50, 3e-6 at 1600)
+    sep = side_tol * (SEPARATION_F64 if dtype == jnp.float64 else SEPARATION)
     n = jnp.asarray(multi_indices(m, max_level), dtype)
-    bps = jnp.asarray(t0, dtype) + (taus[None, :] + shifts) @ n.T  # (candidates, breakpoints)
-    bps = jnp.sort(_inside(bps, t0, t1, dtype), axis=1)
-    gaps = jnp.where(jnp.isfinite(bps[:, 1:]), bps[:, 1:] - bps[:, :-1], jnp.inf)
-    min_gap = jnp.min(gaps, axis=1)
-    small = jnp.all(jnp.abs(shifts) <= taus[None, :] * 2.0**-10, axis=1)
-    ok = small & (min_gap >= sep)
-    choice = jnp.where(jnp.any(ok), jnp.argmax(ok), jnp.argmax(jnp.where(small, min_gap, -jnp.inf)))
-    return shifts[choice]
+    dirs = jnp.asarray(_shift_directions(m), dtype)
+    dirs = jnp.concatenate([dirs, dirs * (taus / jnp.max(taus))[None, :]]) * sep  # (32, m)
+    cap = taus * 2.0**-10
+    zero = jnp.zeros_like(taus)
+
+    def try_size(carry):
+        i, _, best, best_gap = carry
+        shifts = dirs * jnp.asarray(SIZES, dtype)[i]
+        gaps = _min_gaps(taus, shifts, t0, t1, n)
+        small = jnp.all(jnp.abs(shifts) <= cap[None, :], axis=1)
+        ok = small & (gaps >= sep)
+        rel = jnp.max(jnp.abs(shifts) / taus[None, :], axis=1)
+        pick = jnp.argmin(jnp.where(ok, rel, jnp.inf))
+        widest = jnp.argmax(jnp.where(small, gaps, -jnp.inf))
+        better = small[widest] & (gaps[widest] > best_gap)
+        best = jnp.where(jnp.any(ok), shifts[pick], jnp.where(better, shifts[widest], best))
+        best_gap = jnp.where(jnp.any(ok), jnp.inf, jnp.where(better, gaps[widest], best_gap))
+        return i + 1, jnp.any(ok), best, best_gap
+
+    gap0 = _min_gaps(taus, zero[None, :], t0, t1, n)[0]
+    start = (jnp.zeros((), jnp.int32), gap0 >= sep, zero, gap0)
+    _, _, best, _ = jax.lax.while_loop(lambda c: ~c[1] & (c[0] < len(SIZES)), try_size, start)
+    return best
 
 
 def saves_off_breakpoints(saveat, breakpoints, t0, t1):

@@ -136,8 +136,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         land = (stop - t) <= jnp.minimum(1.01 * h_try, rhs.cap)
         h = jnp.where(land, stop - t, h_try)
         t_next = jnp.where(land, stop, t + h)
-        lookups = None if rhs.lookups is None else jax.vmap(lambda s: rhs.lookups(st.hist, s, True))
-        step = rk_step(tab, lambda s, z, *looked: rhs.eval(st.hist, s, z, True, *looked), t, y, h, st.k1,
+        lookups = None if rhs.lookups is None else jax.vmap(lambda s, left: rhs.lookups(st.hist, s, left))
+        step = rk_step(tab, lambda s, z, left, *looked: rhs.eval(st.hist, s, z, left, *looked), t, y, h, st.k1,
                        rhs.n_state, None if rhs.hist_part is None else rhs.hist_part[1], lookups)
         y1 = step.y1
         finite = jnp.all(jnp.isfinite(y1))
@@ -316,10 +316,10 @@ def _run_chunked(cond, advance, state, rhs, tab):
     def records(st, t, h, accept, step):
         if rhs.param_nodes is None:
             xs = jnp.stack([step.x_stages[j] for j in used])
-            left = jnp.stack([st.k1_left if j == 0 else jnp.asarray(True) for j in used])
+            left = jnp.stack([st.k1_left if j == 0 else jnp.asarray(_history.reads_left(tab.c[j])) for j in used])
         else:
             xs = jnp.stack([cut(_history.horner(step.coeffs, th)) for th in rhs.param_nodes[0]])
-            left = jnp.ones((R,), bool)
+            left = jnp.asarray([_history.reads_left(th) for th in rhs.param_nodes[0]])
         xs = jnp.where(accept, xs, step.x_stages[0])  # a rejected step's stages may not be finite
         return t + c * h, xs, left, jnp.where(accept, h * b, 0.0)
 

@@ -139,12 +139,27 @@ def side_tolerance(*times):
     return SIDE_ULPS * jnp.finfo(mag.dtype).eps * mag
 
 
+def reads_left(theta: float) -> bool:
+    """The side a lookup at fraction θ of a step reads at a boundary: left from the middle on.
+    A stage near the step's start reads what follows the start's image, a stage near its end what
+    precedes the end's image, so between two breakpoints only 2·side_tolerance apart every stage
+    still reads the side of both images its time lies on (the first stage, θ = 0, reads right)."""
+    return theta >= 0.5
+
+
 def before(a, q, left, tol=0.0):
     """a < q for a left-sided lookup, a <= q otherwise, where a within ``tol`` of q counts as q;
-    ``left`` a Python bool or a traced one (the parameter quadrature's records carry it as data)."""
+    ``left`` a Python bool or a traced one (a step's batched lookups and the parameter
+    quadrature's records carry it as data)."""
     if isinstance(left, bool):
         return (a < q - tol) if left else (a <= q + tol)
-    return jnp.where(left, a < q - tol, a <= q + tol)
+    # One comparison per element (a may be a whole buffer): a <= x as a < the next float above x;
+    # above 0 that is the smallest normal float, as XLA flushes subnormals to zero (0 <= 0 failed).
+    q = jnp.asarray(q)
+    q, tol = jax.lax.stop_gradient((q, jnp.asarray(tol, q.dtype)))  # a comparison: no derivative
+    x = q + tol
+    above = jnp.where(x == 0, jnp.finfo(q.dtype).tiny, jnp.nextafter(x, jnp.asarray(jnp.inf, q.dtype)))
+    return a < jnp.where(left, q - tol, above)
 
 
 def _newest_end(hist: History):
@@ -187,9 +202,8 @@ def _search_before(hist: History, q, left, tol):
 def lookup(hist: History, q, left: bool):
     """Interpolate the stored solution at q (which must lie within the stored steps).
 
-    ``left`` picks the step to the left of q when q is a step boundary; a stage at the
-    start of a step (c = 0) reads right-sided values, all later stages left-sided ones,
-    so a step never mixes the two sides of a jump.
+    ``left`` picks the step to the left of q when q is a step boundary; a stage reads the side
+    ``reads_left`` gives for its node, so a step never mixes the two sides of a jump.
     """
     coeffs, theta, _ = _piece(hist, q, left)
     return horner(coeffs, theta)

@@ -109,9 +109,8 @@ def solve_delays(prob: DDEProblem, p, dtype, opts: Options, on_error="default"):
     if not (opts.track_breakpoints and opts.separate_breakpoints):
         return taus, jnp.zeros_like(taus)
     t0, t1 = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
-    min_stage = min(c for c in opts.tableau.c if c > 0)
     shift = jax.lax.stop_gradient(separating_shift(taus, t0, t1, opts.tableau.order + 1,
-                                                   _history.side_tolerance(t0, t1), min_stage))
+                                                   _history.side_tolerance(t0, t1)))
     return taus + shift, shift
 
 

@@ -125,9 +125,10 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     ``land_on_saveat=False`` save times are read from the dense output (order 4 for
     Tsit5/Dopri5) and cost no extra steps, as in diffrax.
     A DDE whose delays put two breakpoints on one time (commensurate delays: τ1 = 2τ2) and
-    depend on a traced value (p under jax.grad, jax.jit or jax.vmap) is solved with them moved apart,
-    without derivative, by ~1e-11 of themselves in float64 (up to 9e-4 in float32), so that
-    each breakpoint gets its own landing and dL/dτ sees each move (see README).
+    depend on a traced value (p under jax.grad, jax.jit or jax.vmap; not through
+    jax.lax.stop_gradient) is solved with them moved apart, without derivative, by ~1e-11 of
+    themselves in float64 (1e-5 to 3e-4 in float32), so that each breakpoint gets its own
+    landing and dL/dτ sees each move (see README).
     solver: an ``ExplicitRK`` (default ``Tsit5()``); RK4 and Euler need ``dt0``.
     sensitivity: how ``jax.grad`` differentiates the solve (default
     ``InterpolatingAdjoint(checkpoints=16)``; see ``solvers.sensitivity``).
@@ -237,10 +238,10 @@ def _solve_compiled(prob, p, saveat, dt0, opts: Options, sensitivity) -> Solutio
 
 
 def _delays_are_traced(prob, p) -> bool:
-    """Whether delays(p) depends on a traced value (a leaf of p or a value it closes over): only
-    then can it carry a derivative or a batch, and coinciding breakpoints need a landing each
-    (_setup.solve_delays). Read from its jaxpr: under jit JAX stages even a constant array, so
-    the value itself cannot tell."""
+    """Whether delays(p) depends on a traced value (a leaf of p or a value it closes over) other
+    than through jax.lax.stop_gradient: only then can it carry a derivative, and coinciding
+    breakpoints need a landing each (_setup.solve_delays). Read from its jaxpr: under jit JAX
+    stages even a constant array, so the value itself cannot tell."""
     closed = jax.make_jaxpr(lambda q: jnp.asarray(prob.delays(q)))(p)
     jaxpr = closed.jaxpr
     leaves = jax.tree_util.tree_leaves(p)
@@ -248,6 +249,8 @@ def _delays_are_traced(prob, p) -> bool:
     live |= {v for v, c in zip(jaxpr.constvars, closed.consts) if not is_concrete(c)}
     is_var = lambda v: isinstance(v, jax.extend.core.Var)  # not a Literal
     for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "stop_gradient":  # no derivative past it
+            continue
         if any(is_var(v) and v in live for v in eqn.invars):
             live.update(eqn.outvars)
     return any(is_var(v) and v in live for v in jaxpr.outvars)

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from ._history import reads_left
 from ._tableau import ButcherTableau
 
 
@@ -31,12 +32,13 @@ def _combine(weights, ks):
 def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, lookups=None) -> StepResult:
     """Take one step of size h from (t, y) with first stage k1 = f(t, y).
 
-    ``f(t, y)`` evaluates the right-hand side at a stage after the first one (for a DDE,
-    with left-sided delayed lookups: see _history.lookup).
+    ``f(t, y, left)`` evaluates the right-hand side at a stage after the first one; ``left`` (a
+    Python bool, _history.reads_left of the stage's node) is the side its delayed lookups read at
+    a boundary.
 
-    lookups: when set, ``lookups(ts)`` reads what the stages need of the stored history at all
-    stage times ts (shape (stages - 1,)) at once, and f is called as ``f(t, y, looked)`` with
-    stage i's slice. The lookups depend on the stage times only (the step is capped at the
+    lookups: when set, ``lookups(ts, lefts)`` reads what the stages need of the stored history at
+    all stage times ts (shape (stages - 1,)) and sides at once, and f is called as
+    ``f(t, y, left, looked)`` with stage i's slice. The lookups depend on the stage times only (the step is capped at the
     smallest delay), and one batched read compiles to one copy of the lookup code instead of
     one per stage.
 
@@ -53,11 +55,12 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, loo
     ks, kx = [k1], [cut(k1)]  # every stage, and its state part
     x_stage, x_stages = x, [x]
     ts = [t + jnp.asarray(c, dtype) * h for c in tab.c[1:]]
+    lefts = [reads_left(c) for c in tab.c[1:]]
     if lookups is not None:
-        looked = lookups(jnp.stack(ts))
-        stage_f = lambda i, s, z: f(s, z, jax.tree_util.tree_map(lambda a: a[i - 1], looked))
+        looked = lookups(jnp.stack(ts), jnp.asarray(lefts))
+        stage_f = lambda i, s, z: f(s, z, lefts[i - 1], jax.tree_util.tree_map(lambda a: a[i - 1], looked))
     else:
-        stage_f = lambda i, s, z: f(s, z)
+        stage_f = lambda i, s, z: f(s, z, lefts[i - 1])
     for i, row in enumerate(tab.a, start=1):
         x_stage = x + h * _combine(cast(row), kx)
         x_stages.append(x_stage)

@@ -125,34 +125,45 @@ def test_a_jump_at_a_nonzero_t0_is_read_on_the_right_side():
 def test_commensurate_delays_are_moved_apart_by_some_hundred_ulps():
     """separating_shift: zero for one delay and for delays whose breakpoints stay apart; for
     τ = (0.2, 0.1) (0.2 is 2 × 0.1 in floats), two equal and three commensurate delays a shift
-    below 1e-10 of the delays after which every two breakpoints in (t0, t1) lie at least the
-    separation apart."""
-    from solvers._breakpoints import breakpoint_times, separating_shift
+    below 1e-10 of the delays (3e-5 in float32) after which every two breakpoints in (t0, t1) lie
+    at least the separation apart."""
+    from solvers._breakpoints import SEPARATION_F64, breakpoint_times, separating_shift
     from solvers._history import side_tolerance
 
     t0, t1 = jnp.asarray(0.0), jnp.asarray(2.0)
-    tol, c2 = side_tolerance(t0, t1), 0.161
-    sep = 2 * float(tol) / c2 * 128  # float64
+    tol = side_tolerance(t0, t1)
+    sep = float(tol) * SEPARATION_F64
 
     def gaps(taus):
         b = np.sort(np.asarray(breakpoint_times(t0, taus, 6)))
         b = b[(b > 0) & (b < 2)]
         return np.diff(b)
 
-    assert not np.any(np.asarray(separating_shift(jnp.array([0.3]), t0, t1, 6, tol, c2)))
-    assert not np.any(np.asarray(separating_shift(jnp.array([0.7, 0.45]), t0, t1, 6, tol, c2)))
+    assert not np.any(np.asarray(separating_shift(jnp.array([0.3]), t0, t1, 6, tol)))
+    assert not np.any(np.asarray(separating_shift(jnp.array([0.7, 0.45]), t0, t1, 6, tol)))
     for taus in (jnp.array([0.2, 0.1]), jnp.array([0.5, 0.5]), jnp.array([0.3, 0.2, 0.1])):
         assert np.min(gaps(taus)) < sep
-        shift = separating_shift(taus, t0, t1, 6, tol, c2)
+        shift = separating_shift(taus, t0, t1, 6, tol)
         assert 0 < float(jnp.max(jnp.abs(shift) / taus)) < 1e-10
         assert np.min(gaps(taus + shift)) >= sep
+    # float32: 4 side tolerances apart (stages read the side of the image they lie next to), 1.3e-5
+    # of the delays for (0.2, 0.1); 7e-5 when the separation had to be 12 side tolerances
+    from solvers._breakpoints import SEPARATION
+
+    t0, t1, taus = jnp.float32(0.0), jnp.float32(2.0), jnp.array([0.2, 0.1], jnp.float32)
+    tol = side_tolerance(t0, t1)
+    shift = separating_shift(taus, t0, t1, 6, tol)
+    assert 0 < float(jnp.max(jnp.abs(shift) / taus)) < 3e-5
+    b = np.sort(np.asarray(breakpoint_times(t0, taus + shift, 6)))
+    assert np.min(np.diff(b[(b > 0) & (b < 2)])) >= float(tol) * SEPARATION
 
 
 def test_constant_commensurate_delays_keep_one_landing_per_time():
     """Delays that are constants where solve is called have no derivative: coinciding breakpoints
     keep one landing (8 evenly spaced delays on [0, 3]: 49 steps). Moved apart, as traced delays
     are, each of the 3002 breakpoints would take a landing of its own (819 steps: the history
-    buffer of 256 overflows, as it does for 8 generic delays, 885 steps)."""
+    buffer of 256 overflows, as it does for 8 generic delays, 885 steps). Traced delays behind
+    jax.lax.stop_gradient have no derivative either and keep one landing."""
     rhs = lambda t, x, lag, p: -0.5 * jnp.mean(lag, axis=0) + 0.1 * x
     prob = sv.DDEProblem(rhs, lambda t, p: jnp.ones_like(t), lambda p: p, 0.0, 3.0, x0=0.5)
     sol = sv.solve(prob, jnp.asarray(np.linspace(0.3, 1.0, 8)), rtol=1e-8, atol=1e-10)
@@ -162,4 +173,8 @@ def test_constant_commensurate_delays_keep_one_landing_per_time():
     fixed = sv.DDEProblem(lambda t, x, lag, p: p * jnp.mean(lag, axis=0) + 0.1 * x, lambda t, p: jnp.ones_like(t),
                           lambda p: jnp.asarray(np.linspace(0.3, 1.0, 8)), 0.0, 3.0, x0=0.5)
     steps = jax.jit(lambda a: sv.solve(fixed, a, rtol=1e-8, atol=1e-10).stats["steps"])(-0.5)
+    assert int(steps) == int(sol.stats["steps"]), int(steps)
+    # traced delays that are not learned: behind jax.lax.stop_gradient they keep one landing too
+    held = sv.DDEProblem(rhs, lambda t, p: jnp.ones_like(t), lambda p: jax.lax.stop_gradient(p), 0.0, 3.0, x0=0.5)
+    steps = jax.jit(lambda p: sv.solve(held, p, rtol=1e-8, atol=1e-10).stats["steps"])(jnp.asarray(np.linspace(0.3, 1.0, 8)))
     assert int(steps) == int(sol.stats["steps"]), int(steps)

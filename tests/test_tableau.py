@@ -69,7 +69,7 @@ def test_dense_output_converges(solver):
     f = lambda t, y: -y + jnp.sin(t)
     errs = []
     for h in (0.2, 0.1):
-        step = rk_step(solver.tableau, f, 0.0, jnp.array([1.0]), h, f(0.0, jnp.array([1.0])))
+        step = rk_step(solver.tableau, lambda t, y, _left: f(t, y), 0.0, jnp.array([1.0]), h, f(0.0, jnp.array([1.0])))
         errs.append(abs(float(horner(step.coeffs, 0.37)[0]) - _exact(0.37 * h)))
     degree = solver.tableau.degree
     assert math.log2(errs[0] / errs[1]) >= degree + 1 - 0.5, errs
@@ -87,13 +87,14 @@ def test_rk_step_with_an_integral_tail_equals_the_full_step():
         return jnp.concatenate([jnp.stack([x[1], -jnp.sin(x[0])]), jnp.stack([x[0] ** 2, t * x[1], jnp.cos(x[0])])])
 
     z = jnp.array([0.3, 0.1, 1.0, 2.0, 3.0])
-    full = rk_step(tab, f, 0.0, z, 0.2, f(0.0, z))
-    part = rk_step(tab, f, 0.0, z, 0.2, f(0.0, z), n_state=2)
+    stage = lambda t, z, _left: f(t, z)
+    full = rk_step(tab, stage, 0.0, z, 0.2, f(0.0, z))
+    part = rk_step(tab, stage, 0.0, z, 0.2, f(0.0, z), n_state=2)
     np.testing.assert_allclose(part.y1, full.y1, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(part.err, full.err[:2], rtol=1e-14, atol=1e-18)
     np.testing.assert_allclose(part.coeffs, full.coeffs[:, :2], rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(part.k_last, full.k_last, rtol=1e-14)
     # n_dense: the dense output also covers the first integral (a DDE adjoint's ∫μ)
-    dense = rk_step(tab, f, 0.0, z, 0.2, f(0.0, z), n_state=2, n_dense=3)
+    dense = rk_step(tab, stage, 0.0, z, 0.2, f(0.0, z), n_state=2, n_dense=3)
     np.testing.assert_allclose(dense.y1, full.y1, rtol=1e-14, atol=1e-15)
     np.testing.assert_allclose(dense.coeffs, full.coeffs[:, :3], rtol=1e-14, atol=1e-15)

@@ -298,7 +298,8 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
             for th, w in zip(*gauss):  # floats: dtype follows s
                 s = s_a + th * (s_b - s_a)
                 lam = _history.horner(coeffs, th)[:n].reshape(shape)
-                _, _, dp, _ = vjp_terms(-s, fwd.x(-s, False, p), lam, fwd, False)
+                fwd_left = not _history.reads_left(th)  # reversed time, as in evaluate
+                _, _, dp, _ = vjp_terms(-s, fwd.x(-s, fwd_left, p), lam, fwd, fwd_left)
                 total = total + (w * (s_b - s_a)) * dp
             return total
 
