@@ -38,9 +38,9 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, loo
 
     lookups: when set, ``lookups(ts, lefts)`` reads what the stages need of the stored history at
     all stage times ts (shape (stages - 1,)) and sides at once, and f is called as
-    ``f(t, y, left, looked)`` with stage i's slice. The lookups depend on the stage times only (the step is capped at the
-    smallest delay), and one batched read compiles to one copy of the lookup code instead of
-    one per stage.
+    ``f(t, y, left, looked)`` with stage i's slice. The lookups depend on the stage times only
+    (the step is capped at the smallest delay), and one batched read compiles to one copy of the
+    lookup code instead of one per stage.
 
     n_state: when set (1-D y), only y[:n_state] is a state that f reads; the rest is a pure
     integral of f's output (an adjoint's ∫ f_pᵀλ). f then receives y[:n_state] only, the
