@@ -590,7 +590,8 @@ def test_commensurate_delays_float32_from_a_nonzero_t0():
     """τ = (3 × 0.1, 0.1) from t0 = 0.37 in float32, a nonlinear rhs: Backprop's gradient within
     1e-4 (of its largest entry) of the exact float64 one (1.4e-5 here). With the breakpoints moved
     only 4 or 6 side tolerances apart (_breakpoints.SEPARATION), dL/dτ was off by 1.7e-4 (2.5e-3
-    of the largest entry); at 12, as now, right."""
+    of the largest entry), through a capped step that stopped an ulp short of a breakpoint (see
+    test_a_step_capped_at_the_delay_lands_on_the_breakpoint_an_ulp_beyond); at 12 right."""
     t0 = 0.37
 
     def loss(p, dtype, **kw):
@@ -670,3 +671,24 @@ def test_stages_read_the_side_of_the_image_they_lie_next_to(monkeypatch):
         g = grad(p)
         err = max(abs(float(g[k]) - fd[k]) for k in p) / scale
         assert err < 1e-7, (ulps, err)
+
+
+def test_a_step_capped_at_the_delay_lands_on_the_breakpoint_an_ulp_beyond():
+    """At a loose tolerance every step is capped at the delay. From a breakpoint b, the next one
+    b + τ (another sum of the delays than t + τ) lay an ulp beyond the capped step's end: the solve
+    stopped an ulp short and took a step of an ulp to it, whose stages read the jump on the wrong
+    side. Backprop's dL/dτ was off by 3.9e-3 relative (12 steps); now it lands (11 steps) and is
+    within 1e-6 of the exact gradient (rtol 1e-11)."""
+    t0 = 0.37
+    rhs = lambda t, x, lag, p: -p["a"] * jnp.tanh(lag[0]) + p["b"] * x
+    prob = sv.DDEProblem(rhs, lambda t, p: p["c"] + 0.3 * jnp.sin(t), lambda p: jnp.stack([p["tau"]]),
+                         t0, t0 + 2.5, x0=lambda p: p["x0"])
+    obs = jnp.asarray(t0 + np.array([0.6, 1.15, 1.9, 2.5]))
+    p = {k: jnp.asarray(v) for k, v in dict(a=0.8, b=-0.2, tau=0.3, c=1.0, x0=0.5).items()}
+    L = lambda p, s, rtol: 0.5 * jnp.sum(sv.solve(prob, p, saveat=obs, rtol=rtol, atol=rtol * 0.1,
+                                                  sensitivity=s).ys ** 2)
+    exact = jax.jit(jax.grad(lambda p: L(p, sv.QuadratureAdjoint(), 1e-11)))(p)
+    g = jax.jit(jax.grad(lambda p: L(p, sv.Backprop(), 1e-3)))(p)
+    for k in p:
+        assert abs(float(g[k]) - float(exact[k])) <= 1e-6 * abs(float(exact[k])), (k, float(g[k]), float(exact[k]))
+    assert int(sv.solve(prob, p, saveat=obs, rtol=1e-3, atol=1e-4).stats["steps"]) == 11
