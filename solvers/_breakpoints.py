@@ -37,12 +37,11 @@ def _inside(breakpoints, t0, t1, dtype):
 
 
 SIZES = (0.5, 1, 2, 4, 8, 16, 32)  # shift sizes tried, in units of the separation, smallest first
-# breakpoints apart by this many side tolerances (see separating_shift). Stage sides alone ask for
-# 2 (4 with a margin). In float32 at 5 and 8 a Backprop τ-gradient was off by 2.5e-3 (t0 = 0.37,
-# τ = (0.3, 0.1), test_commensurate_delays_float32_from_a_nonzero_t0): a step capped at τ_min
-# stopped an ulp short of a breakpoint (_forward.run now lands there); with that fixed 4 is right
-# in that case too, but 12 stays until a wider float32 search says 4 is safe.
-SEPARATION = 12.0
+# breakpoints apart by this many side tolerances (see separating_shift): stage sides ask for 2,
+# twice that for a margin. (In float32 at 4 a Backprop τ-gradient was once off by 2.5e-3, t0 = 0.37,
+# τ = (0.3, 0.1): a step capped at τ_min stopped an ulp short of a breakpoint, which _forward.run
+# now lands on; 18 random commensurate float32 configurations are within 1.7e-5 at 4.)
+SEPARATION = 4.0
 SEPARATION_F64 = 1600.0
 
 
@@ -79,7 +78,7 @@ def separating_shift(taus, t0, t1, max_level: int, side_tol):
     stage to clear the lookups' rounding allowance side_tol on the side it does not read
     (_history.reads_left: at least half the step away), with a margin (see SEPARATION). The shift
     is 1e-11 of the delays for τ = (0.2, 0.1) on [0, 2] (float64; 2.5e-10 for four commensurate
-    delays; 4e-5 to 7e-4 in float32); values change by as much as the delays do; it carries no
+    delays; 1.3e-5 to 3.3e-4 in float32); values change by as much as the delays do; it carries no
     derivative (DESIGN.md, Breakpoints)."""
     m = taus.shape[0]
     if m == 1:

@@ -144,7 +144,7 @@ def reads_left(theta: float) -> bool:
     A stage near the step's start reads what follows the start's image, a stage near its end what
     precedes the end's image, so between two breakpoints only 2·side_tolerance apart every stage
     still reads the side of both images its time lies on (the first stage, θ = 0, reads right;
-    the separation the delays get is wider, see _breakpoints.SEPARATION)."""
+    the delays are moved apart twice that, see _breakpoints.SEPARATION)."""
     return theta >= 0.5
 
 

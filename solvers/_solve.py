@@ -127,7 +127,7 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     A DDE whose delays put two breakpoints on one time (commensurate delays: τ1 = 2τ2) and
     depend on a traced value (p under jax.grad, jax.jit or jax.vmap; not through
     jax.lax.stop_gradient) is solved with them moved apart, without derivative, by ~1e-11 of
-    themselves in float64 (4e-5 to 7e-4 in float32), so that each breakpoint gets its own
+    themselves in float64 (1e-5 to 3e-4 in float32), so that each breakpoint gets its own
     landing and dL/dτ sees each move (see README).
     solver: an ``ExplicitRK`` (default ``Tsit5()``); RK4 and Euler need ``dt0``.
     sensitivity: how ``jax.grad`` differentiates the solve (default

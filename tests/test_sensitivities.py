@@ -570,8 +570,9 @@ def test_commensurate_delays_hessian_vector_product():
 
 @pytest.mark.slow
 def test_commensurate_delays_float32():
-    """test_commensurate_delays in float32 (the GPU path; the delays move apart by ~4e-5 of
-    themselves there): Backprop's gradient within 1e-4 of the exact float64 one (3.0e-5 here).
+    """test_commensurate_delays in float32 (the GPU path; the delays move apart by ~1.3e-5 of
+    themselves there): Backprop's gradient within 1e-4 of the exact float64 one (9.6e-6 here;
+    3.5e-5 while the separation was 12 side tolerances).
     Before the solve moved the delays apart: off by up to 2.4 relative (dL/dτ1 = -0.050 for
     -0.147), InterpolatingAdjoint by 2.4e-3."""
     obs = [0.45, 0.95, 1.35, 2.0]
@@ -588,10 +589,10 @@ def test_commensurate_delays_float32():
 @pytest.mark.slow
 def test_commensurate_delays_float32_from_a_nonzero_t0():
     """τ = (3 × 0.1, 0.1) from t0 = 0.37 in float32, a nonlinear rhs: Backprop's gradient within
-    1e-4 (of its largest entry) of the exact float64 one (1.4e-5 here). With the breakpoints moved
-    only 4 or 6 side tolerances apart (_breakpoints.SEPARATION), dL/dτ was off by 1.7e-4 (2.5e-3
-    of the largest entry), through a capped step that stopped an ulp short of a breakpoint (see
-    test_a_step_capped_at_the_delay_lands_on_the_breakpoint_an_ulp_beyond); at 12 right."""
+    1e-4 (of its largest entry) of the exact float64 one (6.3e-6 here). Before capped steps
+    landed on a breakpoint an ulp beyond them (test_a_step_capped_at_the_delay_lands_on_the_
+    breakpoint_an_ulp_beyond), dL/dτ was off by 1.7e-4 (2.5e-3 of the largest entry) with the
+    breakpoints 4 or 6 side tolerances apart (_breakpoints.SEPARATION)."""
     t0 = 0.37
 
     def loss(p, dtype, **kw):
