@@ -104,10 +104,10 @@ def separating_shift(taus, t0, t1, max_level: int, side_tol):
         rel = jnp.max(jnp.abs(shifts) / taus[None, :], axis=1)
         pick = jnp.argmin(jnp.where(ok, rel, jnp.inf))
         widest = jnp.argmax(jnp.where(small, gaps, -jnp.inf))
-        better = small[widest] & (gaps[widest] > best_gap)
-        best = jnp.where(jnp.any(ok), shifts[pick], jnp.where(better, shifts[widest], best))
-        best_gap = jnp.where(jnp.any(ok), jnp.inf, jnp.where(better, gaps[widest], best_gap))
-        return i + 1, jnp.any(ok), best, best_gap
+        better = small[widest] & (gaps[widest] > best_gap)  # the fallback: widest within the cap so far
+        found = jnp.any(ok)
+        best = jnp.where(found, shifts[pick], jnp.where(better, shifts[widest], best))
+        return i + 1, found, best, jnp.where(better, gaps[widest], best_gap)
 
     gap0 = _min_gaps(taus, zero[None, :], t0, t1, n)[0]
     start = (jnp.zeros((), jnp.int32), gap0 >= sep, zero, gap0)

@@ -533,6 +533,19 @@ def _two_delays(t0=0.0):
                          t0, t0 + 2.0, x0=lambda p: p["x0"])
 
 
+def _jump_at_t0(rhs, delays, t0=0.37, dtype=None):
+    """rhs with history c + 0.3 sin t and x(t0) = x0 (a jump) on [t0, t0 + 2.5] (t0, t1 of
+    ``dtype`` when given: it sets the solve's dtype)."""
+    t0, t1 = (t0, t0 + 2.5) if dtype is None else (jnp.asarray(t0, dtype), jnp.asarray(t0 + 2.5, dtype))
+    return sv.DDEProblem(rhs, lambda t, p: p["c"] + 0.3 * jnp.sin(t), delays, t0, t1, x0=lambda p: p["x0"])
+
+
+def _central_differences(f, p, eps=1e-6):
+    """{k: (f(p + eps e_k) - f(p - eps e_k)) / 2 eps} for a dict of scalars, and its largest |entry|."""
+    fd = {k: float(f({**p, k: p[k] + eps}) - f({**p, k: p[k] - eps})) / (2 * eps) for k in p}
+    return fd, max(abs(v) for v in fd.values())
+
+
 _COMMENSURATE = {"a1": 0.7, "a2": 0.4, "t1": 0.2, "t2": 0.1, "c": 1.0, "x0": 0.5}  # 0.2 == 2 * 0.1 in floats
 
 
@@ -549,9 +562,7 @@ def test_commensurate_delays(sensitivity):
     L = lambda p, s: 0.5 * jnp.sum(sv.solve(_two_delays(), p, saveat=obs, rtol=1e-10, atol=1e-12,
                                             sensitivity=s).ys ** 2)
     g = jax.jit(jax.grad(lambda p: L(p, sensitivity)))(p)
-    f, eps = jax.jit(lambda p: L(p, sv.Backprop())), 1e-6
-    fd = {k: float(f({**p, k: p[k] + eps}) - f({**p, k: p[k] - eps})) / (2 * eps) for k in p}
-    scale = max(abs(v) for v in fd.values())
+    fd, scale = _central_differences(jax.jit(lambda p: L(p, sv.Backprop())), p)
     for k in p:
         assert abs(float(g[k]) - fd[k]) < 1e-7 * scale, (k, float(g[k]), fd[k])
 
@@ -593,14 +604,11 @@ def test_commensurate_delays_float32_from_a_nonzero_t0():
     landed on a breakpoint an ulp beyond them (test_a_step_capped_at_the_delay_lands_on_the_
     breakpoint_an_ulp_beyond), dL/dτ was off by 1.7e-4 (2.5e-3 of the largest entry) with the
     breakpoints 4 or 6 side tolerances apart (_breakpoints.SEPARATION)."""
-    t0 = 0.37
+    rhs = lambda t, x, lag, p: -jnp.dot(p["a"], jnp.tanh(lag)) + p["b"] * x
 
     def loss(p, dtype, **kw):
-        rhs = lambda t, x, lag, p: -jnp.dot(p["a"], jnp.tanh(lag)) + p["b"] * x
-        prob = sv.DDEProblem(rhs, lambda t, p: p["c"] + 0.3 * jnp.sin(t), lambda p: p["tau"],
-                             jnp.asarray(t0, dtype), jnp.asarray(t0 + 2.5, dtype), x0=lambda p: p["x0"])
-        obs = jnp.asarray(t0 + np.array([0.6, 1.15, 1.9, 2.5]), dtype)
-        return 0.5 * jnp.sum(sv.solve(prob, p, saveat=obs, **kw).ys ** 2)
+        obs = jnp.asarray(0.37 + np.array([0.6, 1.15, 1.9, 2.5]), dtype)
+        return 0.5 * jnp.sum(sv.solve(_jump_at_t0(rhs, lambda p: p["tau"], dtype=dtype), p, saveat=obs, **kw).ys ** 2)
 
     p = {"a": np.array([0.4911145846589811, 0.7884423198807433]), "b": -0.2,
          "tau": np.array([0.30000000000000004, 0.1]), "c": 1.0, "x0": 0.5}
@@ -623,20 +631,17 @@ def test_two_delay_configurations_every_method_against_differences():
     was off by 1.9e-3. On the code before lookups got their side tolerance and commensurate
     delays were moved apart, 11 of 12 such configurations had a method off by more than 1e-6
     (the worst 0.61); all are within 4e-7 now."""
-    t0 = 0.37
     rhs = lambda t, x, lag, p: -p["a1"] * lag[0] - p["a2"] * jnp.tanh(lag[1]) + p["a3"] * x
-    prob = sv.DDEProblem(rhs, lambda t, p: p["c"] + 0.3 * jnp.sin(t), lambda p: jnp.stack([p["t1"], p["t2"]]),
-                         t0, t0 + 2.5, x0=lambda p: p["x0"])
+    prob = _jump_at_t0(rhs, lambda p: jnp.stack([p["t1"], p["t2"]]))
     L = lambda p, obs, s: 0.5 * jnp.sum(sv.solve(prob, p, saveat=obs, rtol=1e-10, atol=1e-12, sensitivity=s).ys ** 2)
     grads = [jax.jit(jax.grad(lambda p, obs, s=s: L(p, obs, s))) for s in DDE_METHODS]
-    f, eps = jax.jit(lambda p, obs: L(p, obs, sv.Backprop())), 1e-6
+    f = jax.jit(lambda p, obs: L(p, obs, sv.Backprop()))
     configs = [((0.2, 0.1), 0.5, (0.97, 1.22, 1.52, 2.87)), ((0.6, 0.6), 1.0, (0.72, 1.52, 1.87, 2.87)),
                ((0.5, 1.0), 1.0, (0.72, 0.97, 1.22, 1.87)), ((0.425, 0.513), 1.0, (0.97, 1.22, 1.87, 2.27))]
     for (t1, t2), x0, obs in configs:
         p = {k: jnp.asarray(v) for k, v in dict(a1=0.7, a2=0.4, a3=-0.2, t1=t1, t2=t2, c=1.0, x0=x0).items()}
         obs = jnp.asarray(obs)
-        fd = {k: float(f({**p, k: p[k] + eps}, obs) - f({**p, k: p[k] - eps}, obs)) / (2 * eps) for k in p}
-        scale = max(abs(v) for v in fd.values())
+        fd, scale = _central_differences(lambda p: f(p, obs), p)
         for s, grad in zip(DDE_METHODS, grads):
             g = grad(p, obs)
             err = max(abs(float(g[k]) - fd[k]) for k in p) / scale
@@ -649,26 +654,23 @@ def test_stages_read_the_side_of_the_image_they_lie_next_to(monkeypatch):
     ulps from the images of its ends. A stage near the start reads what follows the start's image,
     one near the end what precedes the end's (_history.reads_left). When every stage after the
     first read left-sided, the stages near the start read x0's jump at t0 on the history's side and
-    Backprop's gradient was off by 0.58 relative at both gaps (dL/dτ1 lost the jump term); the
-    separation the delays get had to be 12 side tolerances instead of 4 for it."""
+    Backprop's gradient was off by 0.58 relative at both gaps (dL/dτ1 lost the jump term); that rule
+    needed breakpoints 2 side_tol / c2 apart (12.4 side tolerances for Tsit5), this one 2."""
     import solvers._setup as setup_module
 
     monkeypatch.setattr(setup_module, "separating_shift", lambda taus, *a: jnp.zeros_like(taus))
-    t0 = 0.37
     rhs = lambda t, x, lag, p: -p["a1"] * lag[0] - p["a2"] * lag[1] + p["a3"] * x
-    prob = sv.DDEProblem(rhs, lambda t, p: p["c"] + 0.3 * jnp.sin(t), lambda p: jnp.stack([p["t1"], p["t2"]]),
-                         t0, t0 + 2.5, x0=lambda p: p["x0"])
+    prob = _jump_at_t0(rhs, lambda p: jnp.stack([p["t1"], p["t2"]]))
     obs = jnp.asarray([0.97, 1.22, 1.52, 2.87])
     L = lambda p, s: 0.5 * jnp.sum(sv.solve(prob, p, saveat=obs, rtol=1e-10, atol=1e-12, sensitivity=s).ys ** 2)
     grad = jax.jit(jax.grad(lambda p: L(p, sv.Backprop())))
-    f, eps = jax.jit(lambda p: L(p, sv.Backprop())), 1e-6
+    f = jax.jit(lambda p: L(p, sv.Backprop()))
     for ulps in (6, 12):
         t1 = 0.2 - ulps * float(np.spacing(0.57))
-        gap = (t0 + 0.1 + 0.1) - (t0 + t1)
+        gap = (0.37 + 0.1 + 0.1) - (0.37 + t1)
         assert 5 * np.spacing(0.57) <= gap <= 13 * np.spacing(0.57), gap
         p = {k: jnp.asarray(v) for k, v in dict(a1=0.7, a2=0.4, a3=-0.2, t1=t1, t2=0.1, c=1.0, x0=0.5).items()}
-        fd = {k: float(f({**p, k: p[k] + eps}) - f({**p, k: p[k] - eps})) / (2 * eps) for k in p}
-        scale = max(abs(v) for v in fd.values())
+        fd, scale = _central_differences(f, p)
         g = grad(p)
         err = max(abs(float(g[k]) - fd[k]) for k in p) / scale
         assert err < 1e-7, (ulps, err)
@@ -680,11 +682,9 @@ def test_a_step_capped_at_the_delay_lands_on_the_breakpoint_an_ulp_beyond():
     stopped an ulp short and took a step of an ulp to it, whose stages read the jump on the wrong
     side. Backprop's dL/dτ was off by 3.9e-3 relative (12 steps); now it lands (11 steps) and is
     within 1e-6 of the exact gradient (rtol 1e-11)."""
-    t0 = 0.37
     rhs = lambda t, x, lag, p: -p["a"] * jnp.tanh(lag[0]) + p["b"] * x
-    prob = sv.DDEProblem(rhs, lambda t, p: p["c"] + 0.3 * jnp.sin(t), lambda p: jnp.stack([p["tau"]]),
-                         t0, t0 + 2.5, x0=lambda p: p["x0"])
-    obs = jnp.asarray(t0 + np.array([0.6, 1.15, 1.9, 2.5]))
+    prob = _jump_at_t0(rhs, lambda p: jnp.stack([p["tau"]]))
+    obs = jnp.asarray(0.37 + np.array([0.6, 1.15, 1.9, 2.5]))
     p = {k: jnp.asarray(v) for k, v in dict(a=0.8, b=-0.2, tau=0.3, c=1.0, x0=0.5).items()}
     L = lambda p, s, rtol: 0.5 * jnp.sum(sv.solve(prob, p, saveat=obs, rtol=rtol, atol=rtol * 0.1,
                                                   sensitivity=s).ys ** 2)
