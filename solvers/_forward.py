@@ -95,7 +95,10 @@ def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, h
     else:
         h0 = jnp.asarray(dt0, dtype)
     at_t0 = saveat[0] == t0
-    saved = y0 if rhs.n_state is None else y0[:rhs.n_state]
+    # + (saveat[0] - t0) x'(t0): zero, but a save time on t0 gets the derivative x'(t0⁺) that
+    # every later save time gets from its step (its value alone carried none: dL/dts[0] was 0)
+    saved = y0 + (saveat[0] - t0).astype(dtype) * k1
+    saved = saved if rhs.n_state is None else saved[:rhs.n_state]
     ys = jnp.zeros((saveat.shape[0],) + saved.shape, dtype)
     ys = ys.at[0].set(jnp.where(at_t0, saved, ys[0]))
     return LoopState(

@@ -486,7 +486,7 @@ def test_gradient_with_respect_to_save_times(refcases, sensitivity):
     g_s, g_p = jax.jit(jax.grad(L, argnums=(0, 1)))(1.0, 0.5)
     assert abs(float(g_s) - exact(1.0)) < 1e-7 * abs(exact(1.0))
     assert abs(float(g_p) - (-3.0 * np.exp(-0.5) - 2 * 1.5 * 3.0 * np.exp(-0.75) / 2)) < 1e-7 * 5
-    ss = jnp.array([0.25, 1.25])
+    ss = jnp.array([0.0, 0.25, 1.25])  # a save time on t0: x'(t0) (Backprop returned 0 there)
     g_v = jax.jit(jax.vmap(jax.grad(L), (0, None)))(ss, 0.5)
     np.testing.assert_allclose(np.asarray(g_v), exact(np.asarray(ss)), rtol=1e-7)
 
@@ -498,9 +498,11 @@ def test_gradient_with_respect_to_save_times(refcases, sensitivity):
         with pytest.raises(ValueError, match=refusal):
             jax.grad(dde)(1.3)
         return
-    eps, value = 1e-5, jax.jit(dde)  # compiled once for both evaluations
+    eps, value, grad = 1e-5, jax.jit(dde), jax.jit(jax.grad(dde))  # each compiled once
     fd = (value(1.3 + eps) - value(1.3 - eps)) / (2 * eps)
-    assert abs(float(jax.jit(jax.grad(dde))(1.3)) - float(fd)) < 1e-5 * abs(float(fd))
+    assert abs(float(grad(1.3)) - float(fd)) < 1e-5 * abs(float(fd))
+    q = case["params"]  # on t0: the right derivative x'(0⁺) = a x0 + b c
+    assert abs(float(grad(0.0)) - (q["a"] * q["x0"] + q["b"] * q["c"])) < 1e-12
 
 
 @pytest.mark.slow
