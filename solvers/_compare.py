@@ -33,12 +33,12 @@ class Comparison:
     def table(self) -> str:
         names = list(self.gradients)
         width = max(len(n) for n in names) + 2
-        head = "method".ljust(width) + "time (s)".rjust(10) + "".join(n[:12].rjust(14) for n in names)
+        head = "method".ljust(width) + "time (s)".rjust(10) + "".join(n.rjust(width) for n in names)
         lines = [head, "-" * len(head)]
         for a in names:
             sec = self.seconds[a]
             row = a.ljust(width) + (f"{sec:10.4f}" if sec is not None else "         -")
-            row += "".join(("-" if a == b else f"{self.difference[a][b]:.1e}").rjust(14) for b in names)
+            row += "".join(("-" if a == b else f"{self.difference[a][b]:.1e}").rjust(width) for b in names)
             lines.append(row)
         return "\n".join(lines)
 
