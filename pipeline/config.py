@@ -65,6 +65,7 @@ class TrainConfig:
     batch_size: int = _spec(64, lo=1)
     seed: int = _spec(0, lo=0)
     on_nonfinite: str = _spec("stop", choices=("stop", "skip"))
+    max_skips_in_a_row: int = _spec(10, lo=1, doc='on_nonfinite = "skip": stop after this many failed steps in a row')
 
 
 @dataclasses.dataclass(frozen=True)

@@ -149,7 +149,7 @@ class Trainer:
             start = restored.step
             metrics = {k: list(restored.metrics.get(k, []))[:start] for k in METRICS}
         bar = _progress(job.name, start, total_steps, progress and self.backend.is_root)
-        t_begin, done, saved = time.perf_counter(), 0, None
+        t_begin, done, saved, skipped, in_a_row = time.perf_counter(), 0, None, 0, 0
         with _Signals() as signals:
             for step in range(start + 1, total_steps + 1):
                 t = time.perf_counter()
@@ -158,16 +158,28 @@ class Trainer:
                 good = not red.errors and np.isfinite(loss) and bool(np.all(np.isfinite(grad)))
                 if good:
                     theta, opt_state = self._update(theta, opt_state, self.unravel(jnp.asarray(grad)))
-                elif job.train.on_nonfinite == "stop":
+                    in_a_row = 0
+                else:
                     why = (red.errors[0].rstrip(".") if red.errors else
                            f"non-finite loss ({loss})" if not np.isfinite(loss) else
                            f"non-finite gradient ({int(np.sum(~np.isfinite(grad)))} of {grad.size} entries)")
-                    newest = self.manager.latest_step()
-                    bar.close()
-                    raise TrainingError(
-                        f"step {step} failed: {why}. The update was not applied; the newest checkpoint "
-                        f"{'is step ' + str(newest) if newest is not None else 'does not exist yet'} "
-                        f"in {self.manager.directory}. (Set train.on_nonfinite = \"skip\" to skip such steps.)")
+                    skipped, in_a_row = skipped + 1, in_a_row + 1
+                    stop_now = job.train.on_nonfinite == "stop" or in_a_row >= job.train.max_skips_in_a_row
+                    if stop_now:
+                        newest = self.manager.latest_step()
+                        bar.close()
+                        what = (f"step {step} failed: {why}" if job.train.on_nonfinite == "stop" else
+                                f"steps {step - in_a_row + 1}..{step} failed in a row (train.max_skips_in_a_row = "
+                                f"{job.train.max_skips_in_a_row}), the last: {why}")
+                        hint = ("(Set train.on_nonfinite = \"skip\" to skip such steps.)"
+                                if job.train.on_nonfinite == "stop" else "")
+                        raise TrainingError(
+                            f"{what}. The update was not applied; the newest checkpoint "
+                            f"{'is step ' + str(newest) if newest is not None else 'does not exist yet'} "
+                            f"in {self.manager.directory}. {hint}".rstrip())
+                    if self.backend.is_root:
+                        bar.clear()
+                        print(f"ndde: step {step} skipped, its update not applied: {why}", file=sys.stderr, flush=True)
                 tau = self.model.tau(theta)
                 for key, value in (("loss", loss), ("loss_per_shard", red.loss_per_shard),
                                    ("grad_norm", float(np.linalg.norm(grad))), ("solver_steps", red.steps),
@@ -189,7 +201,7 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - t_begin
         return {"step": total_steps, "loss": metrics["loss"][-1] if metrics["loss"] else None,
-                "steps_run": done, "steps_per_s": done / elapsed if elapsed > 0 else None,
+                "steps_run": done, "steps_skipped": skipped, "steps_per_s": done / elapsed if elapsed > 0 else None,
                 "checkpoint": str(saved) if saved else None,
                 "tau": metrics["tau"][-1] if metrics["tau"] and np.isfinite(metrics["tau"][-1]) else None}
 

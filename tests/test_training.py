@@ -2,6 +2,7 @@
 agree; SIGKILL at any moment then `ndde resume` repeats the bits of an uninterrupted run;
 broken checkpoints, changed jobs, NaN and solver failures are handled as documented."""
 
+import json
 import os
 import random
 import signal
@@ -153,8 +154,10 @@ def test_nan_gradient_stops_naming_the_step_and_keeps_good_checkpoints(shared, t
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001.h5", "step_00000002.h5"]
     assert_same_bits(_ckpt(run, 2), _ckpt(run, 2))  # intact
     skip = tmp_path / "skip"
-    ndde("train", job, "--run-dir", skip, "--steps", "4", "--set", "checkpoint.every=1",
-         "--set", 'train.on_nonfinite="skip"', env=env)
+    result = ndde("train", job, "--run-dir", skip, "--steps", "4", "--set", "checkpoint.every=1",
+                  "--set", 'train.on_nonfinite="skip"', env=env)
+    assert "step 3 skipped, its update not applied: non-finite gradient" in result.stderr
+    assert json.loads(result.stdout.splitlines()[-1])["steps_skipped"] == 1
     with h5py.File(_ckpt(skip, 4)) as f:
         assert f["metrics/skipped"][...].tolist() == [False, False, True, False]
     assert_same_bits(_ckpt(skip, 2), _ckpt(skip, 3))  # step 3 applied nothing
@@ -165,6 +168,15 @@ def test_solver_failure_stops_with_its_message(shared, tmp_path):
     result = ndde("train", job, "--run-dir", tmp_path / "run", "--set", "solver.max_steps=2", check=False)
     assert result.returncode == 3
     assert "step 1 failed" in result.stderr and "step budget exhausted" in result.stderr
+    # skipping failed steps stops all the same once train.max_skips_in_a_row fail one after another
+    run = tmp_path / "skip"
+    result = ndde("train", job, "--run-dir", run, "--set", "solver.max_steps=2", "--set", 'train.on_nonfinite="skip"',
+                  "--set", "train.max_skips_in_a_row=2", "--set", "checkpoint.every=1", check=False)
+    assert result.returncode == 3, result.stderr
+    assert "step 1 skipped, its update not applied: shard 0" in result.stderr
+    assert "steps 1..2 failed in a row (train.max_skips_in_a_row = 2), the last: shard 0" in result.stderr
+    assert "step budget exhausted" in result.stderr and "the newest checkpoint is step 1" in result.stderr
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001.h5"]  # step 1: nothing applied
 
 
 def test_the_training_step_is_kept_in_the_persistent_compilation_cache(shared, tmp_path):
