@@ -31,14 +31,17 @@ class Comparison:
         return max(self.difference[a][b] for a in names for b in names if a != b)
 
     def table(self) -> str:
+        """Rows: each method, numbered, with its time; column (j): max relative difference to
+        method j (numbers instead of names keep the table within ~90 characters)."""
         names = list(self.gradients)
-        width = max(len(n) for n in names) + 2
-        head = "method".ljust(width) + "time (s)".rjust(10) + "".join(n.rjust(width) for n in names)
+        labels = [f"({j}) {n}" for j, n in enumerate(names, 1)]
+        width = max(len(n) for n in labels) + 2
+        head = "method".ljust(width) + "time (s)".rjust(10) + "".join(f"({j})".rjust(9) for j in range(1, len(names) + 1))
         lines = [head, "-" * len(head)]
-        for a in names:
+        for a, label in zip(names, labels):
             sec = self.seconds[a]
-            row = a.ljust(width) + (f"{sec:10.4f}" if sec is not None else "         -")
-            row += "".join(("-" if a == b else f"{self.difference[a][b]:.1e}").rjust(width) for b in names)
+            row = label.ljust(width) + (f"{sec:10.4f}" if sec is not None else "         -")
+            row += "".join(("-" if a == b else f"{self.difference[a][b]:.1e}").rjust(9) for b in names)
             lines.append(row)
         return "\n".join(lines)
 

@@ -120,8 +120,10 @@ def test_every_dde_method_agrees_on_a_neural_delayed_gradient_flow():
     fd = result.gradients["finite differences"]
     for name, g in result.gradients.items():
         assert np.max(np.abs(g - fd)) / np.max(np.abs(fd)) <= 1e-5, name
-    head = result.table().splitlines()[0]  # every column named in full
-    assert all(name in head for name in result.gradients), head
+    table = result.table().splitlines()  # every method named in full, numbered as its column
+    assert [line.split()[:2] for line in table[2:]] == [[f"({j})", name.split()[0]] for j, name in
+                                                        enumerate(result.gradients, 1)], table
+    assert table[0].split()[-1] == f"({len(result.gradients)})" and max(map(len, table)) <= 100, table
 
 
 def test_backsolve_on_a_dde_names_the_alternatives():
