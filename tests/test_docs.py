@@ -43,3 +43,18 @@ def test_seed_example_every_method_agrees_and_the_hvp_matches():
     assert number("worst relative difference between methods") < 1e-6
     assert number("worst relative difference to finite differences") < 1e-5
     assert number("Hessian-vector product vs differences of gradients") < 1e-5
+
+
+@pytest.mark.slow
+def test_delay_learning_example_recovers_the_delay():
+    """examples/learn_delay.py: Adam on the default adjoint's gradient takes τ from 0.5 to the
+    true 1.0 (1.0076 after 400 steps) and a from 0.8 to 1.2 on 16 trajectories of
+    x' = -1.2 x(t - 1)."""
+    import runpy
+
+    module = runpy.run_path(str(README.parent / "examples" / "learn_delay.py"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        p, final = module["train"]()
+    assert abs(float(p["tau"]) - 1.0) < 0.02 and abs(float(p["a"]) - 1.2) < 0.01, out.getvalue()
+    assert final < 1e-6, out.getvalue()
