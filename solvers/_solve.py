@@ -55,31 +55,36 @@ def check_status(x, status, opts: Options):
                                  on_error=opts.on_error)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def backprop_checks(ys, status, overflowed, msgs, on_error):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def backprop_checks(ys, y_final, status, overflowed, msgs, on_error):
     """ys; its reverse pass stops with a clear error (1) when the forward solve failed: the check
     on ys is compiled away when only a gradient is used (jax.jit(jax.grad(L)) with L linear in
     ys), and a failed solve would give a gradient and no error; (2) when a rejected step attempt
     of the forward loop overflowed (a stage of ±inf or NaN): Backprop's VJP of that attempt
     multiplies its zero cotangent by the infinite stage derivatives and every gradient would come
     out NaN. (Skipping those VJPs under a lax.cond slowed vmapped Backprop 2.6x: a batched cond
-    batches every operand; zeroing non-finite residuals cost 15-20% everywhere.)"""
+    batches every operand; zeroing non-finite residuals cost 15-20% everywhere.)
+    With on_error="nan" (throw=False) a failed solve's gradient must be NaN, but the save times
+    it never reached carry no derivative of p, so a NaN cotangent of ys alone can stop short of p
+    (it did for a loss of ys[-1] alone): the loop's final state, which depends on every step,
+    gets a NaN cotangent too (zero otherwise)."""
     return ys
 
 
-def _checks_fwd(ys, status, overflowed, msgs, on_error):
-    return ys, (status, overflowed)
+def _checks_fwd(ys, y_final, status, overflowed, msgs, on_error):
+    return ys, (status, overflowed, jnp.zeros_like(y_final))
 
 
 def _checks_bwd(msgs, on_error, res, ct):
-    status, overflowed = res
+    status, overflowed, zero = res
     ct = eqx.branched_error_if(ct, status != OK, status, list(msgs), on_error=on_error)
     ct = eqx.error_if(ct, overflowed, "ndde: Backprop cannot differentiate this solve: a rejected step attempt "
                       "overflowed (a stage of inf or NaN), and reverse mode through it makes every gradient "
                       "NaN. Start with a smaller step (solve(..., dt0=...)) or use InterpolatingAdjoint(), "
                       "QuadratureAdjoint() or ForwardMode(), which do not differentiate rejected attempts.",
                       on_error=on_error)
-    return ct, None, None
+    ct_final = jnp.where(status != OK, jnp.nan, zero) if on_error == "nan" else zero
+    return ct, ct_final, None, None
 
 
 backprop_checks.defvjp(_checks_fwd, _checks_bwd)
@@ -106,7 +111,8 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints)
     ys = check_status(final.ys, final.status, opts)
     msgs = tuple(_error_messages(opts.max_steps, opts.history_size))
-    return backprop_checks(ys, final.status, lax.stop_gradient(final.overflowed), msgs, opts.on_error), stats_of(final)
+    return (backprop_checks(ys, final.y, final.status, lax.stop_gradient(final.overflowed), msgs, opts.on_error),
+            stats_of(final))
 
 
 def stats_of(final):
