@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+HIGHEST = jax.lax.Precision.HIGHEST  # the solver's own products: exact in float32 too (see _precision)
+
 
 def multi_indices(m: int, max_level: int) -> np.ndarray:
     """All n in N^m with 1 <= |n| <= max_level, as an int array (count, m)."""
@@ -27,7 +29,7 @@ def breakpoint_times(t0, delays, max_level: int):
     """o + n·τ for every origin o in t0 (a scalar or 1-D array) and multi-index n with
     1 <= |n| <= max_level (unsorted, flattened)."""
     n = multi_indices(delays.shape[0], max_level)
-    shifts = jnp.asarray(n, delays.dtype) @ delays
+    shifts = jnp.matmul(jnp.asarray(n, delays.dtype), delays, precision=HIGHEST)
     return jnp.reshape(jnp.reshape(jnp.asarray(t0, delays.dtype), (-1, 1)) + shifts[None, :], (-1,))
 
 
@@ -55,7 +57,7 @@ def _min_gaps(taus, shifts, t0, t1, n):
     """For each row of shifts, the smallest distance between two breakpoints t0 + n·(τ + shift)
     in (t0, t1) (+inf when fewer than two lie there)."""
     dtype = taus.dtype
-    bps = jnp.asarray(t0, dtype) + (taus[None, :] + shifts) @ n.T  # (rows, breakpoints)
+    bps = jnp.asarray(t0, dtype) + jnp.matmul(taus[None, :] + shifts, n.T, precision=HIGHEST)  # (rows, breakpoints)
     bps = jnp.sort(_inside(bps, t0, t1, dtype), axis=1)
     gaps = jnp.where(jnp.isfinite(bps[:, 1:]), bps[:, 1:] - bps[:, :-1], jnp.inf)
     return jnp.min(gaps, axis=1)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+HIGHEST = jax.lax.Precision.HIGHEST  # the solver's own products: exact in float32 too (see _precision)
+
 
 class History(NamedTuple):
     t_start: jax.Array  # (cap,)
@@ -221,7 +223,7 @@ def slope(coeffs, theta):
     XLA then reads a stored slot once instead of fusing the read into every consumer (which made
     it copy the whole history buffer each step to keep the buffer's update in place)."""
     weights = jnp.stack([jnp.asarray(p * theta ** (p - 1), coeffs.dtype) for p in range(1, coeffs.shape[0])])
-    return jnp.tensordot(weights, coeffs[1:], axes=1)
+    return jnp.tensordot(weights, coeffs[1:], axes=1, precision=HIGHEST)
 
 
 def _piece(hist: History, q, left: bool):

@@ -8,6 +8,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+HIGHEST = jax.lax.Precision.HIGHEST  # the solver's own products: exact in float32 too (see _precision)
+
 
 class ODEProblem(eqx.Module):
     """dx/dt = rhs(t, x, p) on [t0, t1], x(t0) = x0 (an array, or a callable x0(p))."""
@@ -66,11 +68,11 @@ class GradientField(eqx.Module):
         """(f, f_xᵀλ, f_pᵀλ) by one forward-over-reverse pass: the jvp of x ↦ (∇ₓH, ∇_pH) in
         the direction v = Jᵀλ gives ∇²ₓH v and ∇_p(∇ₓH·v) together (DESIGN.md, Nested AD)."""
         J = jnp.asarray(self.J, x.dtype)
-        v = lam @ J
+        v = jnp.matmul(lam, J, precision=HIGHEST)
         grads = lambda x, p: jax.grad(self.H, argnums=(0, 1))(x, p)
         zero_p = jax.tree_util.tree_map(jnp.zeros_like, p)
         (gx, _), (hx, hp) = jax.jvp(grads, (x, p), (v, zero_p))
-        f = gx @ J.T
+        f = jnp.matmul(gx, J.T, precision=HIGHEST)
         if self.extra is not None:
             fe, vjp = jax.vjp(lambda x, p: self.extra(t, x, p), x, p)
             ex, ep = vjp(lam)
@@ -83,7 +85,7 @@ class GradientField(eqx.Module):
 
     def field(self, t, x, p):
         grad_h = jax.grad(self.H, argnums=0)(x, p)
-        out = grad_h @ jnp.asarray(self.J, grad_h.dtype).T
+        out = jnp.matmul(grad_h, jnp.asarray(self.J, grad_h.dtype).T, precision=HIGHEST)
         if self.extra is not None:
             out = out + self.extra(t, x, p)
         return out

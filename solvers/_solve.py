@@ -15,6 +15,7 @@ from jax import lax
 from . import _forward
 from ._controller import ConstantStepSize, PIController
 from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW, WINDOWS_FULL
+from ._precision import check_precision, with_precision
 from ._problem import DDEProblem, ODEProblem
 from ._setup import Options, build, delays_of, initial_state, is_concrete
 from ._tableau import ExplicitRK, Tsit5
@@ -121,7 +122,7 @@ def stats_of(final):
 
 def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensitivity=None, max_steps=4096,
           dt0=None, controller=None, history_size=None, land_on_saveat=True, throw=True,
-          _track_breakpoints=True) -> Solution:
+          matmul_precision="highest", _track_breakpoints=True) -> Solution:
     """Solve an ``ODEProblem`` or ``DDEProblem`` with parameters ``p`` (any pytree of float arrays).
 
     saveat: 1-D increasing times in [t0, t1] (default: t1 only). The solver lands exactly on
@@ -150,6 +151,10 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     program holds no host callback, so JAX's persistent compilation cache can store it; the
     training pipeline runs its steps this way and re-runs a failed step with ``throw=True`` to
     report the message.
+    matmul_precision: the problem's functions are traced under
+    ``jax.default_matmul_precision(matmul_precision)`` (default "highest"): JAX's default float32
+    product on GPUs and TPUs keeps ~3 digits (TF32), which breaks float32 error control. None
+    leaves JAX's setting. Nothing changes on CPUs or in float64.
 
     Called outside jit and vmap (an eager ``jax.grad`` or ``jax.jvp`` included), ``solve``
     compiles itself as one program, as diffrax's ``diffeqsolve`` does: once per problem (its
@@ -177,6 +182,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         history_size = max_steps if isinstance(sensitivity, QuadratureAdjoint) else min(max_steps, 256)
     if not isinstance(throw, bool):
         raise TypeError(f"throw must be True or False, got {throw!r}")
+    check_precision(matmul_precision)
+    prob = with_precision(prob, matmul_precision)
     if not isinstance(history_size, int) or history_size < 1:
         raise ValueError(f"history_size must be a positive int, got {history_size!r}")
     tab = solver.tableau

@@ -38,18 +38,23 @@ def test_stats_are_per_trajectory_under_vmap():
     assert int(stats["steps"][0]) != int(stats["steps"][1])
 
 
-def _products_with_batched(jaxpr, shape):
-    """dot_general equations with an operand of ``shape``, in ``jaxpr`` and every sub-jaxpr."""
+def _products(jaxpr):
+    """Every dot_general equation in ``jaxpr`` and its sub-jaxprs (loop bodies, branches, calls)."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and any(tuple(v.aval.shape) == shape for v in eqn.invars):
+        if eqn.primitive.name == "dot_general":
             found.append(eqn)
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 sub = getattr(sub, "jaxpr", sub)
                 if hasattr(sub, "eqns"):
-                    found += _products_with_batched(sub, shape)
+                    found += _products(sub)
     return found
+
+
+def _products_with_batched(jaxpr, shape):
+    """dot_general equations with an operand of ``shape``."""
+    return [eqn for eqn in _products(jaxpr) if any(tuple(v.aval.shape) == shape for v in eqn.invars)]
 
 
 _METHODS = [sv.Backprop(), sv.ForwardMode(), sv.BacksolveAdjoint(), sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()]
@@ -126,3 +131,38 @@ def test_functions_closing_over_a_vmapped_value_are_differentiated(kind, sens):
     fd_c = (value(p["a"], cs + eps) - value(p["a"], cs - eps)) / (2 * eps)
     np.testing.assert_allclose(grad_a["a"], fd_a, rtol=1e-5)
     np.testing.assert_allclose(grad_c, fd_c, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,sens", [(k, s) for k in ("ode", "gradient_field", "dde") for s in _METHODS
+                                       if k != "dde" or s.supports_dde],
+                         ids=lambda v: v if isinstance(v, str) else type(v).__name__)
+def test_every_product_of_a_float32_gradient_runs_at_highest_precision(kind, sens):
+    """JAX's default float32 product on GPUs keeps ~3 digits (TF32), which breaks float32 error
+    control (DESIGN.md). Every matrix product in a float32 gradient's program, the problem's own
+    (forward, backward sweeps, recomputed steps, their transposes) and the solver's, carries
+    precision HIGHEST; with matmul_precision=None the problem's keep JAX's default. Checked in the
+    traced program (CPUs ignore the setting, so the values cannot show it here)."""
+    W = jnp.array([[0.3, -0.2, 0.1], [0.2, 0.4, -0.3]], jnp.float32)
+    p = {"W": W, "tau": jnp.asarray(0.7, jnp.float32)}
+    x0 = jnp.array([1.0, -0.5], jnp.float32)
+    H = lambda x, p: jnp.sum(jnp.tanh(x @ p["W"]))
+    if kind == "ode":
+        prob = sv.ODEProblem(lambda t, x, p: jnp.tanh(x @ p["W"]) @ p["W"].T, x0, 0.0, 2.0)
+    elif kind == "gradient_field":
+        prob = sv.ODEProblem(sv.GradientField(H, sv.canonical_hamiltonian_j(2), extra=lambda t, x, p: -0.1 * x @ p["W"]
+                                              @ p["W"].T), x0, 0.0, 2.0)
+    else:
+        prob = sv.DDEProblem(lambda t, x, lagged, p: jnp.tanh(lagged[0] @ p["W"]) @ p["W"].T - 0.5 * x,
+                             lambda t, p: (x0 @ p["W"]) @ p["W"].T, lambda p: p["tau"][None], 0.0, 2.0, x0=x0)
+    saveat = jnp.array([1.0, 2.0], jnp.float32)
+
+    def products(precision):
+        loss = lambda p: jnp.sum(sv.solve(prob, p, saveat=saveat, sensitivity=sens, rtol=1e-4, atol=1e-6,
+                                          matmul_precision=precision).ys ** 2)
+        return _products(jax.make_jaxpr(jax.grad(loss))(p).jaxpr)
+
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    found = products("highest")
+    assert found and all(eqn.params["precision"] == highest for eqn in found), \
+        [eqn.params["precision"] for eqn in found if eqn.params["precision"] != highest]
+    assert any(eqn.params["precision"] != highest for eqn in products(None))
