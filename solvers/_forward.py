@@ -111,7 +111,7 @@ def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, h
 
 
 def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_bp, rtol, atol, dt0,
-        kind="lax", checkpoints=None, impulses=None, probe_times=None, probe_fn=None) -> LoopState:
+        kind="lax", checkpoints=None, impulses=None, probe_times=None, probe_fn=None, save_window=False) -> LoopState:
     """Step from ``state`` until t1 (or an error status).
 
     kind: "lax" (forward-mode differentiable) or "checkpointed" (reverse-mode, equinox's
@@ -119,6 +119,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
     right after it is saved at each save time (the adjoint's jumps at observations); the
     first stage is then recomputed. probe_times: record, on landing exactly at each,
     ``probe_fn(hist, t, y)`` (default: y before any impulse) into LoopState.probes.
+    save_window: with land_on_saveat=False and kind "checkpointed", write passed save times by
+    _save_window (the loop is then forward-differentiable too) instead of an inner loop.
     """
     tab = cfg.tableau
     dtype = state.y.dtype
@@ -126,6 +128,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
     h_default = state.h if dt0 is None else lax.stop_gradient(jnp.asarray(dt0, dtype))
     if (impulses is not None or rhs.n_state is not None) and not cfg.land_on_saveat:
         raise ValueError("impulses and n_state need land_on_saveat=True")
+    window = save_window and not cfg.land_on_saveat and kind != "lax"
 
     def cond(st):
         return (st.t < t1) & (st.status == OK)
@@ -135,6 +138,11 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         t, y = st.t, st.y
         i = jnp.searchsorted(stops, t, side="right")
         stop, stop_bp = stops[i], stop_is_bp[i]
+        if window:  # no step passes more than SAVE_WINDOW save times (see _save_window)
+            last = st.save_idx + SAVE_WINDOW - 1
+            # a grid choice, without derivative (else t would carry one in every step's reverse pass)
+            cap_stop = lax.stop_gradient(jnp.where(last < n_save, saveat[jnp.minimum(last, n_save - 1)], jnp.inf))
+            stop, stop_bp = jnp.minimum(stop, cap_stop), stop_bp & (stop <= cap_stop)
         h_try = jnp.minimum(st.h, rhs.cap)
         # a stop τ_min past a breakpoint is another sum of the delays than t + τ_min and may lie an
         # ulp beyond it: capped steps then stopped an ulp short and left a step of an ulp, whose stages
@@ -188,11 +196,10 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             # ys is a write-only buffer of the checkpointed loop (not copied into every checkpoint).
             ys = eqxi.buffer_at_set(st.ys, j, y_save, pred=hit)
             save_idx = st.save_idx + hit.astype(jnp.int32)
-        elif kind == "lax":
-            ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
+        elif window:
+            ys, save_idx = _save_window(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
         else:
-            ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs,
-                                              kind="checkpointed")
+            ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs, kind)
         probes = st.probes
         if probe_times is not None:
             on_probe = accept & (probe_times == t_next)
@@ -364,7 +371,7 @@ def _lax_buffers(st: LoopState):
     return (st.ys,) if st.hist is None else (st.ys, st.hist.coeffs)
 
 
-def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs, kind="lax"):
+def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs, kind):
     """Write the dense output at every save time in (t_a, t_b] of an accepted step (an inner
     loop; checkpointed, writing into the outer loop's buffer, under Backprop)."""
     n_save = saveat.shape[0]
@@ -380,3 +387,23 @@ def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs, kind="lax
 
     save_idx, ys = eqxi.while_loop(pending, write, (save_idx, ys), kind=kind, max_steps=n_save, buffers=lambda c: c[1])
     return ys, save_idx
+
+
+# Under Backprop differentiated in forward mode too (jax.jvp of jax.grad) the save times a step
+# passes are written by SAVE_WINDOW unrolled writes: the inner checkpointed loop is a custom VJP
+# inside the outer one's forward rule, which forward mode cannot differentiate (a Hessian-vector
+# product with land_on_saveat=False failed). A step that would pass more lands on the last it may
+# write. Not the default: the plain gradient of the HNN benchmark took 1.23x as long this way.
+SAVE_WINDOW = 8
+
+
+def _save_window(ys, save_idx, saveat, accept, t_a, t_b, coeffs):
+    n_save, written = saveat.shape[0], save_idx
+    for w in range(SAVE_WINDOW):
+        i = save_idx + w
+        j = jnp.minimum(i, n_save - 1)
+        hit = accept & (i < n_save) & (saveat[j] <= t_b)
+        theta = jnp.where(hit, (saveat[j] - t_a) / (t_b - t_a), 1.0)  # far outside [0, 1] P could overflow
+        ys = eqxi.buffer_at_set(ys, j, _history.horner(coeffs, theta), pred=hit)
+        written = written + hit.astype(jnp.int32)
+    return ys, written

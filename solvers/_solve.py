@@ -96,20 +96,25 @@ def _check_positive(name, value):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None):
+def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, save_window=False):
     """Run the forward loop; returns (final LoopState, Built)."""
     built = build(prob, p, saveat, opts)
     cfg = opts.loop_config()
     state = _forward.init_state(cfg, built.rhs, built.y0, built.t0, built.t1, saveat, built.rtol, built.atol,
                                 opts.dt0, built.hist0)
     final = _forward.run(cfg, built.rhs, state, built.t1, saveat, built.stops, built.stop_is_bp, built.rtol,
-                         built.atol, opts.dt0, kind=kind, checkpoints=checkpoints)
+                         built.atol, opts.dt0, kind=kind, checkpoints=checkpoints, save_window=save_window)
     return final, built
 
 
-def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
-    """(ys, stats) of the forward loop that reverse mode differentiates step by step (Backprop)."""
-    final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints)
+def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None, forward_differentiated=None):
+    """(ys, stats) of the forward loop that reverse mode differentiates step by step (Backprop).
+    forward_differentiated (None: seen from the tracers of prob, p and saveat): the reverse pass
+    will itself be differentiated in forward mode (see _forward.SAVE_WINDOW)."""
+    if forward_differentiated is None:
+        forward_differentiated = _ad_below_ad((prob, p, saveat))
+    final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints,
+                             save_window=forward_differentiated)
     ys = check_status(final.ys, final.status, opts)
     msgs = tuple(_error_messages(opts.max_steps, opts.history_size))
     return (backprop_checks(ys, final.y, final.status, lax.stop_gradient(final.overflowed), msgs, opts.on_error),
@@ -226,6 +231,20 @@ try:  # JAX's tracers of jax.jvp and jax.grad (not public: without them, only co
     _AD_TRACERS = (JVPTracer, LinearizeTracer)
 except ImportError:
     _AD_TRACERS = ()
+
+
+def _ad_below_ad(tree) -> bool:
+    """Some array is a differentiation tracer whose value is another one, possibly through
+    vmap's: a reverse pass that is itself forward-differentiated (jax.jvp or jax.linearize of
+    jax.grad, jax.hessian)."""
+    def depth(a):
+        n = 0
+        while isinstance(a, jax.core.Tracer):
+            n += isinstance(a, _AD_TRACERS)
+            a = getattr(a, "primal", getattr(a, "val", None))
+        return n
+
+    return any(depth(leaf) >= 2 for leaf in jax.tree_util.tree_leaves(tree))
 
 
 def _outside_jit_and_vmap(tree) -> bool:

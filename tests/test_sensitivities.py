@@ -292,6 +292,36 @@ def _assert_hvp_matches_differences(L, p, eps):
         assert abs(float(hv[k]) - float((gp[k] - gm[k]) / (2 * eps))) < 1e-6, k
 
 
+@pytest.mark.parametrize("kind", ["ode", "dde"])
+def test_backprop_hessian_vector_product_with_interpolated_saves(refcases, kind):
+    """land_on_saveat=False under Backprop: the save times a step passes were written by an inner
+    checkpointed loop, a custom VJP inside the outer loop's forward rule, and jax.jvp of jax.grad
+    failed ("can't apply forward-mode autodiff (jvp) to a custom_vjp function"). Now a step
+    writes at most SAVE_WINDOW of them: the HVP against central differences, and with save
+    times 8x denser than the steps, steps land on every 8th and the values match the forward's."""
+    from solvers._forward import SAVE_WINDOW
+
+    if kind == "ode":
+        prob, p, T = pendulum(), {"m": jnp.asarray(1.0), "k": jnp.asarray(2.0), "q0": jnp.asarray(1.0)}, 10.0
+    else:
+        prob, p, T = linear_dde(), refcase_params(refcases["A_jump"]), 3.5
+    L = lambda p, ts: 0.5 * jnp.sum(sv.solve(prob, p, saveat=ts, rtol=1e-10, atol=1e-12, land_on_saveat=False,
+                                             sensitivity=sv.Backprop()).ys ** 2)
+    _assert_hvp_matches_differences(lambda p: L(p, jnp.linspace(0.25, T, 7)), p, eps=1e-5)
+    loose = dict(rtol=1e-6, atol=1e-8, land_on_saveat=False)
+    steps = int(sv.solve(prob, p, **loose).stats["steps"])
+    dense = jnp.linspace(0.0, T, 16 * SAVE_WINDOW * steps)
+
+    def loss_and_solution(q):
+        sol = sv.solve(prob, q, saveat=dense, sensitivity=sv.Backprop(), **loose)
+        return jnp.sum(sol.ys ** 2), (sol.ys, sol.stats["steps"])
+
+    v = jax.tree_util.tree_map(jnp.ones_like, p)  # the solution as seen under jax.jvp of jax.grad
+    (_, (ys, capped_steps)), _ = jax.jit(lambda q: jax.jvp(jax.grad(loss_and_solution, has_aux=True), (q,), (v,)))(p)
+    assert int(capped_steps) >= dense.shape[0] // SAVE_WINDOW > 8 * steps
+    np.testing.assert_allclose(ys, sv.solve(prob, p, saveat=dense, **loose).ys, rtol=0, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_hessian_vector_product_ode_every_method():
     """Every method's Hessian-vector product agrees. Not jitted on purpose: the one test of

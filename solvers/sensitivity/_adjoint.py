@@ -392,7 +392,8 @@ def _discrete_reverse(prob, p, saveat, opts):
     solve runs."""
     from .._solve import backprop_solve
 
-    ys, pullback, stats = jax.vjp(lambda q: backprop_solve(prob, q, saveat, opts), p, has_aux=True)
+    ys, pullback, stats = jax.vjp(lambda q: backprop_solve(prob, q, saveat, opts, forward_differentiated=True), p,
+                                  has_aux=True)
     return (ys, stats), pullback
 
 
