@@ -164,19 +164,20 @@ class Trainer:
                            f"non-finite loss ({loss})" if not np.isfinite(loss) else
                            f"non-finite gradient ({int(np.sum(~np.isfinite(grad)))} of {grad.size} entries)")
                     skipped, in_a_row = skipped + 1, in_a_row + 1
-                    stop_now = job.train.on_nonfinite == "stop" or in_a_row >= job.train.max_skips_in_a_row
-                    if stop_now:
+                    limit = job.train.max_skips_in_a_row
+                    if job.train.on_nonfinite == "stop" or in_a_row >= limit:
                         newest = self.manager.latest_step()
                         bar.close()
-                        what = (f"step {step} failed: {why}" if job.train.on_nonfinite == "stop" else
-                                f"steps {step - in_a_row + 1}..{step} failed in a row (train.max_skips_in_a_row = "
-                                f"{job.train.max_skips_in_a_row}), the last: {why}")
-                        hint = ("(Set train.on_nonfinite = \"skip\" to skip such steps.)"
-                                if job.train.on_nonfinite == "stop" else "")
+                        if job.train.on_nonfinite == "stop":
+                            what, hint = f"step {step} failed: {why}", ' (Set train.on_nonfinite = "skip" to skip such steps.)'
+                        else:
+                            what = (f"steps {step - in_a_row + 1}..{step} failed in a row "
+                                    f"(train.max_skips_in_a_row = {limit}), the last: {why}")
+                            hint = ""
                         raise TrainingError(
                             f"{what}. The update was not applied; the newest checkpoint "
                             f"{'is step ' + str(newest) if newest is not None else 'does not exist yet'} "
-                            f"in {self.manager.directory}. {hint}".rstrip())
+                            f"in {self.manager.directory}.{hint}")
                     if self.backend.is_root:
                         bar.clear()
                         print(f"ndde: step {step} skipped, its update not applied: {why}", file=sys.stderr, flush=True)

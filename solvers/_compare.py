@@ -36,7 +36,7 @@ class Comparison:
         names = list(self.gradients)
         labels = [f"({j}) {n}" for j, n in enumerate(names, 1)]
         width = max(len(n) for n in labels) + 2
-        head = "method".ljust(width) + "time (s)".rjust(10) + "".join(f"({j})".rjust(9) for j in range(1, len(names) + 1))
+        head = "method".ljust(width) + "time (s)".rjust(10) + "".join(f"({j})".rjust(9) for j in range(1, len(labels) + 1))
         lines = [head, "-" * len(head)]
         for a, label in zip(names, labels):
             sec = self.seconds[a]

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-HIGHEST = jax.lax.Precision.HIGHEST  # the solver's own products: exact in float32 too (see _precision)
+from ._precision import HIGHEST
 
 
 class History(NamedTuple):

@@ -13,14 +13,12 @@ already: nothing changes there.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 import equinox as eqx
 import jax
 
-from ._problem import DDEProblem, GradientField, ODEProblem
-
-HIGHEST = jax.lax.Precision.HIGHEST
+HIGHEST = jax.lax.Precision.HIGHEST  # for the solver's own products
 
 
 class Precise(eqx.Module):
@@ -48,6 +46,8 @@ def check_precision(precision) -> None:
 def with_precision(prob, precision):
     """``prob`` with each of its functions wrapped in ``Precise`` (a GradientField's H and extra
     inside it, so that the adjoints still recognise the field); unchanged when precision is None."""
+    from ._problem import DDEProblem, GradientField, ODEProblem  # _problem uses HIGHEST
+
     if precision is None:
         return prob
     wrap = lambda fn: Precise(fn, precision) if callable(fn) and not isinstance(fn, Precise) else fn
@@ -62,5 +62,3 @@ def with_precision(prob, precision):
         return DDEProblem(rhs, wrap(prob.history), wrap(prob.delays), prob.t0, prob.t1, wrap(prob.x0))
     raise TypeError(f"prob must be an ODEProblem or DDEProblem, got {type(prob).__name__}")
 
-
-__all__: list[Any] = ["HIGHEST", "Precise", "check_precision", "with_precision"]

@@ -8,7 +8,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
-HIGHEST = jax.lax.Precision.HIGHEST  # the solver's own products: exact in float32 too (see _precision)
+from ._precision import HIGHEST
 
 
 class ODEProblem(eqx.Module):

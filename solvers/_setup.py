@@ -59,6 +59,28 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+try:  # JAX's tracers of jax.jvp and jax.grad (not public: without them, only concrete arrays count)
+    from jax._src.interpreters.ad import JVPTracer, LinearizeTracer
+
+    AD_TRACERS = (JVPTracer, LinearizeTracer)
+except ImportError:
+    AD_TRACERS = ()
+
+
+def ad_depth(tree) -> int:
+    """How many differentiation tracers (jax.jvp's, jax.linearize's and jax.grad's) the most deeply
+    differentiated array of ``tree`` sits under, looking through vmap's: 2 inside jax.grad under
+    jax.jvp (a Hessian-vector product, jax.hessian)."""
+    def depth(a):
+        n = 0
+        while isinstance(a, jax.core.Tracer):
+            n += isinstance(a, AD_TRACERS)
+            a = getattr(a, "primal", getattr(a, "val", None))
+        return n
+
+    return max((depth(leaf) for leaf in jax.tree_util.tree_leaves(tree)), default=0)
+
+
 def initial_state(prob, p):
     y0 = prob.initial_state(p)
     if jnp.issubdtype(y0.dtype, jnp.complexfloating):

@@ -17,7 +17,7 @@ from ._controller import ConstantStepSize, PIController
 from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW, WINDOWS_FULL
 from ._precision import check_precision, with_precision
 from ._problem import DDEProblem, ODEProblem
-from ._setup import Options, build, delays_of, initial_state, is_concrete
+from ._setup import AD_TRACERS, Options, ad_depth, build, delays_of, initial_state, is_concrete
 from ._tableau import ExplicitRK, Tsit5
 from .sensitivity import AbstractSensitivity, Backprop, ForwardMode, QuadratureAdjoint, default_sensitivity
 
@@ -112,7 +112,7 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None, forward_dif
     forward_differentiated (None: seen from the tracers of prob, p and saveat): the reverse pass
     will itself be differentiated in forward mode (see _forward.SAVE_WINDOW)."""
     if forward_differentiated is None:
-        forward_differentiated = _ad_below_ad((prob, p, saveat))
+        forward_differentiated = ad_depth((prob, p, saveat)) >= 2  # jax.grad's own and one more
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints,
                              save_window=forward_differentiated)
     ys = check_status(final.ys, final.status, opts)
@@ -225,32 +225,10 @@ def _all_concrete(tree) -> bool:
     return all(is_concrete(leaf) for leaf in jax.tree_util.tree_leaves(tree))
 
 
-try:  # JAX's tracers of jax.jvp and jax.grad (not public: without them, only concrete arrays count)
-    from jax._src.interpreters.ad import JVPTracer, LinearizeTracer
-
-    _AD_TRACERS = (JVPTracer, LinearizeTracer)
-except ImportError:
-    _AD_TRACERS = ()
-
-
-def _ad_below_ad(tree) -> bool:
-    """Some array is a differentiation tracer whose value is another one, possibly through
-    vmap's: a reverse pass that is itself forward-differentiated (jax.jvp or jax.linearize of
-    jax.grad, jax.hessian)."""
-    def depth(a):
-        n = 0
-        while isinstance(a, jax.core.Tracer):
-            n += isinstance(a, _AD_TRACERS)
-            a = getattr(a, "primal", getattr(a, "val", None))
-        return n
-
-    return any(depth(leaf) >= 2 for leaf in jax.tree_util.tree_leaves(tree))
-
-
 def _outside_jit_and_vmap(tree) -> bool:
     """Every array is concrete, or an eager jax.grad / jax.jvp tracer over a concrete one."""
     for leaf in jax.tree_util.tree_leaves(tree):
-        while isinstance(leaf, _AD_TRACERS):
+        while isinstance(leaf, AD_TRACERS):
             leaf = leaf.primal
         if not is_concrete(leaf):
             return False

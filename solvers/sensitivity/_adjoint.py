@@ -39,7 +39,7 @@ from .. import _forward, _history
 from . import _closure
 from .._breakpoints import breakpoint_times, stop_times
 from .._problem import DDEProblem, GradientField
-from .._setup import build, delays_of, initial_state, lagged_values, solve_delays, unified_rhs
+from .._setup import ad_depth, build, delays_of, initial_state, lagged_values, solve_delays, unified_rhs
 from ._objects import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint
 
 
@@ -93,7 +93,8 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         wrt_saveat = _closure.saveat_perturbed(saveat, prob)
         p, saveat = _closure.values(p), _closure.values(saveat)
         diff, const = _closure.by_perturbation(arrays, static)
-        if is_dde and _under_forward_mode((p, diff)):  # see _discrete_reverse
+        # the backward pass is itself being differentiated (jax.jvp, jax.linearize): see _discrete_reverse
+        if is_dde and ad_depth((p, diff)) >= 1:
             out, pullback = _discrete_reverse(*backward_problem(p, diff, const), saveat, opts)
             return out, (p, saveat, diff, const, (None, pullback), None)
         out, residual = forward(_closure.rebuild(diff, const, static), p, saveat)
@@ -363,21 +364,6 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     if is_dde:
         grad = grad + _jump_terms(prob, p, final.probes[:, :n], fwd_probes, taus, t0, y0, f)
     return unravel(grad)
-
-
-def _under_forward_mode(trees) -> bool:
-    """The backward pass is itself being differentiated: traced under jax.jvp (a Hessian-vector
-    product, jax.hessian) or jax.linearize (JAX's own tracer class for it, not public), possibly
-    inside or outside a vmap."""
-    from jax._src.interpreters.ad import LinearizeTracer
-    from jax.interpreters.ad import JVPTracer
-
-    def jvp(a):
-        if isinstance(a, (JVPTracer, LinearizeTracer)):
-            return True
-        return isinstance(a, jax.core.Tracer) and jvp(getattr(a, "val", None))  # a BatchTracer's value
-
-    return any(jvp(a) for a in jax.tree_util.tree_leaves(trees))
 
 
 def _discrete_reverse(prob, p, saveat, opts):

@@ -11,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from .._precision import HIGHEST
 from . import _closure
 
 
@@ -40,7 +41,7 @@ def forward_mode_solve(prob, p, saveat, opts):
     def bwd(res, ct):
         jac, status, saveat, const, (ys, p, diff) = res
         ct_ys = _closure.instantiate(ct[0])
-        grad = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim, precision=jax.lax.Precision.HIGHEST), jac)
+        grad = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim, precision=HIGHEST), jac)
         # the check on ys is compiled away when only the gradient is used: repeat it on the gradient
         grad_p, grad_diff = check_status(grad, status, opts)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
