@@ -30,6 +30,10 @@ class Options:
     track_breakpoints: bool
     throw: bool = True
     separate_breakpoints: bool = True  # False: the delays depend on nothing traced (see solve_delays)
+    # seen from the tracers at solve's call site (differentiation()), before solve compiles itself:
+    # inside that program a jax.jvp or jax.grad applied outside it leaves no tracer
+    forward_only: bool = False  # jax.jvp / jax.jacfwd of the solve: the plain loop, no custom VJP
+    grad_differentiated: bool = False  # jax.grad under jax.jvp (a Hessian-vector product, jax.hessian)
 
     @property
     def on_error(self) -> str:
@@ -61,24 +65,31 @@ def is_concrete(x) -> bool:
 
 try:  # JAX's tracers of jax.jvp and jax.grad (not public: without them, only concrete arrays count)
     from jax._src.interpreters.ad import JVPTracer, LinearizeTracer
+    from jax._src.interpreters.partial_eval import JaxprTracer
 
     AD_TRACERS = (JVPTracer, LinearizeTracer)
 except ImportError:
+    JVPTracer = LinearizeTracer = JaxprTracer = ()
     AD_TRACERS = ()
 
 
-def ad_depth(tree) -> int:
-    """How many differentiation tracers (jax.jvp's, jax.linearize's and jax.grad's) the most deeply
-    differentiated array of ``tree`` sits under, looking through vmap's: 2 inside jax.grad under
-    jax.jvp (a Hessian-vector product, jax.hessian)."""
-    def depth(a):
-        n = 0
+def differentiation(tree) -> tuple[int, bool]:
+    """(depth, forward_only). depth: how many differentiation tracers (jax.jvp's, jax.linearize's
+    and jax.grad's) the most deeply differentiated array of ``tree`` sits under, looking through
+    vmap's: 1 inside jax.grad or jax.jvp, 2 inside jax.grad under jax.jvp (a Hessian-vector
+    product, jax.hessian). forward_only: there is at least one and every one is jax.jvp's
+    (jax.jvp, jax.jacfwd), none a reverse-mode linearization."""
+    depth, kinds = 0, set()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        n, a = 0, leaf
         while isinstance(a, jax.core.Tracer):
-            n += isinstance(a, AD_TRACERS)
+            if isinstance(a, AD_TRACERS):
+                n += 1  # a JVP tracer with a staged tangent is an older JAX's jax.grad
+                pure = isinstance(a, JVPTracer) and not isinstance(a.tangent, JaxprTracer)
+                kinds.add("jvp" if pure else "linearize")
             a = getattr(a, "primal", getattr(a, "val", None))
-        return n
-
-    return max((depth(leaf) for leaf in jax.tree_util.tree_leaves(tree)), default=0)
+        depth = max(depth, n)
+    return depth, kinds == {"jvp"}
 
 
 def initial_state(prob, p):

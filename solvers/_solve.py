@@ -17,7 +17,7 @@ from ._controller import ConstantStepSize, PIController
 from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW, WINDOWS_FULL
 from ._precision import check_precision, with_precision
 from ._problem import DDEProblem, ODEProblem
-from ._setup import AD_TRACERS, Options, ad_depth, build, delays_of, initial_state, is_concrete
+from ._setup import AD_TRACERS, Options, build, delays_of, differentiation, initial_state, is_concrete
 from ._tableau import ExplicitRK, Tsit5
 from .sensitivity import AbstractSensitivity, Backprop, ForwardMode, QuadratureAdjoint, default_sensitivity
 
@@ -109,10 +109,10 @@ def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, 
 
 def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None, forward_differentiated=None):
     """(ys, stats) of the forward loop that reverse mode differentiates step by step (Backprop).
-    forward_differentiated (None: seen from the tracers of prob, p and saveat): the reverse pass
-    will itself be differentiated in forward mode (see _forward.SAVE_WINDOW)."""
+    forward_differentiated (None: opts.grad_differentiated): the reverse pass will itself be
+    differentiated in forward mode (see _forward.SAVE_WINDOW)."""
     if forward_differentiated is None:
-        forward_differentiated = ad_depth((prob, p, saveat)) >= 2  # jax.grad's own and one more
+        forward_differentiated = opts.grad_differentiated
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints,
                              save_window=forward_differentiated)
     ys = check_status(final.ys, final.status, opts)
@@ -210,8 +210,10 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     if saveat.ndim != 1 or saveat.shape[0] == 0:
         raise ValueError(f"saveat must be a non-empty 1-D array of times, got shape {saveat.shape}")
     separate = isinstance(prob, DDEProblem) and _delays_are_traced(prob, p)
+    depth, forward_only = differentiation((prob, p, saveat, dt0))
     opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,
-                   bool(land_on_saveat), bool(_track_breakpoints), throw, separate)
+                   bool(land_on_saveat), bool(_track_breakpoints), throw, separate,
+                   forward_only=forward_only, grad_differentiated=depth >= 2)
     if not _outside_jit_and_vmap((prob, p, saveat, dt0)):
         return _solve_traced(prob, p, saveat, dt0, opts, sensitivity)
     if isinstance(prob, DDEProblem) and _all_concrete(p):
@@ -273,7 +275,12 @@ def _solve_traced(prob, p, saveat, dt0, opts: Options, sensitivity) -> Solution:
     if opts.throw:
         saveat = eqx.error_if(saveat, bad_saveat, "ndde: saveat must be strictly increasing and lie in [t0, t1].")
 
-    if isinstance(sensitivity, Backprop):
+    if opts.forward_only:  # jax.jvp, jax.jacfwd: JAX differentiates the while loop itself
+        final, _ = forward_solve(prob, p, saveat, opts)
+        ys, stats = check_status(final.ys, final.status, opts), stats_of(final)
+        if not opts.throw:  # NaN tangents too (a where would give zeros)
+            ys = ys * jnp.where(final.status == OK, 1.0, jnp.nan).astype(ys.dtype)
+    elif isinstance(sensitivity, Backprop):
         ys, stats = backprop_solve(prob, p, saveat, opts, sensitivity.checkpoints)
     elif isinstance(sensitivity, ForwardMode):
         from .sensitivity._forward_mode import forward_mode_solve

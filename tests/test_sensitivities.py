@@ -372,6 +372,76 @@ def test_dde_adjoint_hessian_vector_product_by_linearize(refcases):
         assert abs(float(linearized[k]) - float(ref[k])) < 1e-8, k
 
 
+@pytest.mark.slow
+def test_jvp_and_jacfwd_of_the_solve(refcases):
+    """jax.jvp / jax.jacfwd of the solve itself. Every method's solve was a custom VJP, which JAX
+    does not forward-differentiate ("can't apply forward-mode autodiff (jvp) to a custom_vjp
+    function"); under jax.jvp alone the solve is now the plain loop, whatever the sensitivity.
+    The Jacobian of x(T) is refcase A_jump's exact gradient, jitted (every method) and eager; with
+    t1 and a save time in p it matches central differences; a failed solve with throw=False has
+    NaN tangents, not zeros."""
+    case = refcases["A_jump"]
+    p = refcase_params(case)
+    x_T = lambda p, s: sv.solve(linear_dde(case["T"]), p, rtol=1e-10, atol=1e-12, sensitivity=s).ys[-1]
+    for s in DDE_METHODS:
+        _assert_close(jax.jit(jax.jacfwd(lambda p: x_T(p, s)))(p), case["grad_xT"], name=repr(s))
+    _assert_close(jax.jacfwd(lambda p: x_T(p, sv.InterpolatingAdjoint()))(p), case["grad_xT"], name="eager")
+
+    def ys(q):  # x at 0.5, at q["s"] and at t1 = q["t1"]
+        prob = sv.DDEProblem(linear_dde().rhs, linear_dde().history, linear_dde().delays, 0.0, q["t1"],
+                             x0=lambda q: q["x0"])
+        return sv.solve(prob, q, saveat=jnp.stack([0.5, q["s"], q["t1"]]), rtol=1e-10, atol=1e-12,
+                        sensitivity=sv.ForwardMode()).ys
+    q = dict(p, t1=jnp.asarray(3.0), s=jnp.asarray(1.9))
+    jac, f, e = jax.jit(jax.jacfwd(ys))(q), jax.jit(ys), 1e-6
+    for k in q:
+        fd = (f(dict(q, **{k: q[k] + e})) - f(dict(q, **{k: q[k] - e}))) / (2 * e)
+        np.testing.assert_allclose(jac[k], fd, rtol=0, atol=1e-7, err_msg=k)
+    blowup = sv.ODEProblem(lambda t, x, a: a * x**2, jnp.asarray(1.0), 0.0, 2.0)  # x = 1/(1 - a t)
+    y, dy = jax.jvp(lambda a: sv.solve(blowup, a, throw=False).ys, (jnp.asarray(1.0),), (jnp.asarray(1.0),))
+    assert np.isnan(y).all() and np.isnan(dy).all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sensitivity", [sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()], ids=ids)
+def test_dde_hessian_where_the_solve_cannot_see_jax_jvp(refcases, sensitivity):
+    """jax.hessian of a jitted loss and jax.jvp of a jitted gradient trace the solve inside a jit
+    with no JVP tracer in sight; an eager jax.jvp of jax.grad traces it inside the program solve
+    compiles for itself. In all three the DDE adjoints ran their continuous sweep, and JAX
+    differentiated it: silently wrong, d²L/da dτ off by 0.46 on refcase A_jump. The
+    sweep is now a custom JVP whose rule is Backprop's reverse pass (as when the forward rule
+    sees jax.jvp coming): equal to jax.jit(jax.hessian(L)) with Backprop."""
+    case = refcases["A_jump"]
+    p, ts = refcase_params(case), jnp.array(case["obs_times"])
+    L = lambda p, s: 0.5 * jnp.sum(sv.solve(linear_dde(), p, saveat=ts, rtol=1e-10, atol=1e-12, sensitivity=s).ys ** 2)
+    ref = jax.jit(jax.hessian(lambda q: L(q, sv.Backprop())))(p)
+    loss = lambda q: L(q, sensitivity)
+    v = {k: jnp.asarray(0.1 * (i + 1)) for i, k in enumerate(p)}
+    hv_ref = {k: sum(ref[k][j] * v[j] for j in p) for k in p}
+    hessian = jax.hessian(jax.jit(loss))(p)
+    for k in p:
+        for j in p:
+            assert abs(float(hessian[k][j]) - float(ref[k][j])) < 1e-8 * max(1.0, abs(float(ref[k][j]))), (k, j)
+    for hv in (jax.jvp(jax.jit(jax.grad(loss)), (p,), (v,))[1], jax.jvp(jax.grad(loss), (p,), (v,))[1]):
+        for k in p:
+            assert abs(float(hv[k]) - float(hv_ref[k])) < 1e-8 * max(1.0, abs(float(hv_ref[k]))), k
+
+
+@pytest.mark.slow
+def test_eager_backprop_hessian_vector_product_with_interpolated_saves():
+    """The eager call of test_backprop_hessian_vector_product_with_interpolated_saves: solve
+    compiles itself, and inside that program no JVP tracer shows that the reverse pass will be
+    forward-differentiated; it failed with JAX's custom_vjp error. The tracers are now read at
+    solve's call site."""
+    p = {"m": jnp.asarray(1.0), "k": jnp.asarray(2.0), "q0": jnp.asarray(1.0)}
+    v = {"m": jnp.asarray(0.1), "k": jnp.asarray(0.2), "q0": jnp.asarray(0.3)}
+    L = lambda p: jnp.sum(sv.solve(pendulum(), p, saveat=jnp.linspace(0.25, 10.0, 7), rtol=1e-10, atol=1e-12,
+                                   land_on_saveat=False, sensitivity=sv.Backprop()).ys ** 2)
+    eager, jitted = _hvp(L, p, v), jax.jit(lambda q: _hvp(L, q, v))(p)
+    for k in p:
+        assert abs(float(eager[k]) - float(jitted[k])) < 1e-9 * max(1.0, abs(float(jitted[k]))), k
+
+
 def test_sensitivity_arguments_are_checked():
     with pytest.raises(ValueError, match="checkpoints must be a positive int, got 0"):
         sv.InterpolatingAdjoint(checkpoints=0)

@@ -39,7 +39,7 @@ from .. import _forward, _history
 from . import _closure
 from .._breakpoints import breakpoint_times, stop_times
 from .._problem import DDEProblem, GradientField
-from .._setup import ad_depth, build, delays_of, initial_state, lagged_values, solve_delays, unified_rhs
+from .._setup import build, delays_of, initial_state, lagged_values, solve_delays, unified_rhs
 from ._objects import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint
 
 
@@ -94,23 +94,39 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         p, saveat = _closure.values(p), _closure.values(saveat)
         diff, const = _closure.by_perturbation(arrays, static)
         # the backward pass is itself being differentiated (jax.jvp, jax.linearize): see _discrete_reverse
-        if is_dde and ad_depth((p, diff)) >= 1:
+        if is_dde and opts.grad_differentiated:
             out, pullback = _discrete_reverse(*backward_problem(p, diff, const), saveat, opts)
             return out, (p, saveat, diff, const, (None, pullback), None)
         out, residual = forward(_closure.rebuild(diff, const, static), p, saveat)
         return out, (p, saveat, diff, const, (residual, None), out[0] if wrt_saveat else None)
 
+    def sweep(p, saveat, diff, const, ct_ys, sweep_residual):
+        residual, fwd_probes, checkpoint_times, status = sweep_residual
+        grad = _backward(*backward_problem(p, diff, const), saveat, ct_ys, residual, fwd_probes, opts, sens,
+                         is_dde, checkpoint_times)
+        return check_status(grad, status, opts)  # the check on ys is compiled away when only the
+        # gradient is used: repeat it here
+
+    if is_dde:  # see _discrete_reverse: a DDE sweep differentiated where the forward rule did not
+        # see it coming (a jax.jvp or jax.hessian applied to a jitted gradient) is replaced by
+        # Backprop's reverse pass, which JAX differentiates
+        sweep = jax.custom_jvp(sweep)
+
+        @sweep.defjvp
+        def _sweep_jvp(primals, tangents):
+            p, saveat, diff, const, ct_ys, _ = primals
+            dp, dsaveat, ddiff, _, dct, _ = tangents
+            discrete = lambda p, saveat, diff, ct: _discrete_reverse(
+                *backward_problem(p, diff, const), saveat, opts)[1](ct)[0]
+            return jax.jvp(discrete, (p, saveat, diff, ct_ys), (dp, dsaveat, ddiff, dct))
+
     def bwd(res, ct):
         p, saveat, diff, const, (sweep_residual, pullback), ys = res
-        prob_b, p_b = backward_problem(p, diff, const)
         ct_ys = _closure.instantiate(ct[0])
         if pullback is not None:
             grad = pullback(ct_ys)[0]
         else:
-            residual, fwd_probes, checkpoint_times, status = sweep_residual
-            grad = _backward(prob_b, p_b, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, checkpoint_times)
-            # the check on ys is compiled away when only the gradient is used: repeat it here
-            grad = check_status(grad, status, opts)
+            grad = sweep(p, saveat, diff, const, ct_ys, sweep_residual)
         grad_p, grad_diff = grad if _closure.has_diff(diff) else (grad, diff)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
         return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
