@@ -20,7 +20,7 @@ class ODEProblem(eqx.Module):
     t1: Any
 
     def initial_state(self, p):
-        return jnp.asarray(self.x0(p) if callable(self.x0) else self.x0)
+        return _as_state(self.x0(p) if callable(self.x0) else self.x0, "x0")
 
 
 class DDEProblem(eqx.Module):
@@ -41,8 +41,17 @@ class DDEProblem(eqx.Module):
 
     def initial_state(self, p):
         if self.x0 is None:
-            return jnp.asarray(self.history(jnp.asarray(self.t0), p))
-        return jnp.asarray(self.x0(p) if callable(self.x0) else self.x0)
+            return _as_state(self.history(jnp.asarray(self.t0), p), "history(t0, p)")
+        return _as_state(self.x0(p) if callable(self.x0) else self.x0, "x0")
+
+
+def _as_state(value, what):
+    try:
+        return jnp.asarray(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be one array (ndde integrates a single array state), got "
+                        f"{type(value).__name__}: flatten a pytree state with jax.flatten_util.ravel_pytree "
+                        "and unflatten it inside rhs") from None
 
 
 class GradientField(eqx.Module):

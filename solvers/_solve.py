@@ -204,8 +204,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
 
     dtype = jax.eval_shape(lambda: initial_state(prob, p)).dtype  # checks it, runs nothing
     t0, t1 = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
-    if is_concrete(t0) and is_concrete(t1) and not float(t1) > float(t0):
-        raise ValueError(f"need t1 > t0, got t0={float(t0)!r}, t1={float(t1)!r}")
+    if is_concrete(t0) and is_concrete(t1) and not (float(t1) > float(t0) and math.isfinite(float(t1) - float(t0))):
+        raise ValueError(f"need finite t0 < t1, got t0={float(t0)!r}, t1={float(t1)!r}")
     saveat = jnp.reshape(t1, (1,)) if saveat is None else jnp.asarray(saveat, dtype)
     if saveat.ndim != 1 or saveat.shape[0] == 0:
         raise ValueError(f"saveat must be a non-empty 1-D array of times, got shape {saveat.shape}")
@@ -271,8 +271,11 @@ def _delays_are_traced(prob, p) -> bool:
 def _solve_traced(prob, p, saveat, dt0, opts: Options, sensitivity) -> Solution:
     opts = dataclasses.replace(opts, dt0=dt0)
     t0, t1 = jnp.asarray(prob.t0, saveat.dtype), jnp.asarray(prob.t1, saveat.dtype)
-    bad_saveat = jnp.any(saveat < t0) | jnp.any(saveat > t1) | jnp.any(jnp.diff(saveat) <= 0)
+    # written so that a NaN fails each test
+    bad_span = ~(jnp.isfinite(t1 - t0) & (t1 > t0))
+    bad_saveat = bad_span | ~(jnp.all(saveat >= t0) & jnp.all(saveat <= t1) & jnp.all(jnp.diff(saveat) > 0))
     if opts.throw:
+        saveat = eqx.error_if(saveat, bad_span, "ndde: need finite t0 < t1.")
         saveat = eqx.error_if(saveat, bad_saveat, "ndde: saveat must be strictly increasing and lie in [t0, t1].")
 
     if opts.forward_only:  # jax.jvp, jax.jacfwd: JAX differentiates the while loop itself

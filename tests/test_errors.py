@@ -95,10 +95,16 @@ def test_bad_arguments():
         sv.solve(prob, None, rtol=-1)
     with pytest.raises(ValueError, match="max_steps must be a positive int, got 0"):
         sv.solve(prob, None, max_steps=0)
-    with pytest.raises(ValueError, match=r"need t1 > t0, got t0=0.0, t1=0.0"):
+    with pytest.raises(ValueError, match=r"need finite t0 < t1, got t0=0.0, t1=0.0"):
         sv.solve(_ode(lambda t, x, p: -x, t1=0.0), None)
+    with pytest.raises(ValueError, match=r"need finite t0 < t1, got t0=0.0, t1=inf"):  # was "step size underflow"
+        sv.solve(_ode(lambda t, x, p: -x, t1=jnp.inf), None)
+    with pytest.raises(Exception, match=r"ndde: need finite t0 < t1"):  # traced: was a message about saveat
+        jax.jit(lambda t1: sv.solve(_ode(lambda t, x, p: -x, t1=t1), None).ys)(-1.0)
     with pytest.raises(eqx.EquinoxRuntimeError, match="saveat must be strictly increasing"):
         sv.solve(prob, None, saveat=jnp.array([1.0, 0.5]))
+    with pytest.raises(TypeError, match="x0 must be one array .* got dict: flatten a pytree state"):
+        sv.solve(sv.ODEProblem(lambda t, x, p: x, {"q": jnp.ones(2)}, 0.0, 1.0), None)
     with pytest.raises(ValueError, match="delays\\(p\\) must return a 1-D array"):
         sv.solve(sv.DDEProblem(lambda t, x, l, p: x, lambda t, p: jnp.ones(()), lambda p: jnp.ones((2, 2)), 0.0, 1.0), None)
     with pytest.raises(TypeError, match="solver must be an ExplicitRK"):
@@ -118,6 +124,8 @@ def _failing_solves(throw):
         "underflow": lambda: sv.solve(_ode(lambda t, x, p: x**2), None, throw=throw).ys,
         "history buffer": lambda: sv.solve(_dde(1.0), jnp.array([1.0]), rtol=1e-10, history_size=3, throw=throw).ys,
         "saveat": lambda: sv.solve(_ode(lambda t, x, p: -x), None, saveat=jnp.array([1.0, 0.5]), throw=throw).ys,
+        # NaN compares false: a NaN save time passed the check and read 0 (silently)
+        "NaN saveat": lambda: sv.solve(_ode(lambda t, x, p: -x), None, saveat=jnp.array([0.5, jnp.nan]), throw=throw).ys,
         "zero delay": lambda: jax.jit(lambda p: sv.solve(_dde(None), p, throw=throw).ys)(jnp.array([0.0])),
     }
 
