@@ -46,19 +46,8 @@ def check_precision(precision) -> None:
 def with_precision(prob, precision):
     """``prob`` with each of its functions wrapped in ``Precise`` (a GradientField's H and extra
     inside it, so that the adjoints still recognise the field); unchanged when precision is None."""
-    from ._problem import DDEProblem, GradientField, ODEProblem  # _problem uses HIGHEST
+    from ._problem import map_functions  # _problem uses HIGHEST
 
     if precision is None:
         return prob
-    wrap = lambda fn: Precise(fn, precision) if callable(fn) and not isinstance(fn, Precise) else fn
-    rhs = prob.rhs
-    if isinstance(rhs, GradientField):
-        rhs = eqx.tree_at(lambda g: (g.H, g.extra), rhs, (wrap(rhs.H), wrap(rhs.extra)), is_leaf=lambda v: v is None)
-    else:
-        rhs = wrap(rhs)
-    if isinstance(prob, ODEProblem):
-        return ODEProblem(rhs, wrap(prob.x0), prob.t0, prob.t1)
-    if isinstance(prob, DDEProblem):
-        return DDEProblem(rhs, wrap(prob.history), wrap(prob.delays), prob.t0, prob.t1, wrap(prob.x0))
-    raise TypeError(f"prob must be an ODEProblem or DDEProblem, got {type(prob).__name__}")
-
+    return map_functions(prob, lambda fn: fn if isinstance(fn, Precise) else Precise(fn, precision))

@@ -108,3 +108,40 @@ def canonical_hamiltonian_j(d: int) -> jnp.ndarray:
     eye = jnp.eye(n)
     zero = jnp.zeros((n, n))
     return jnp.block([[zero, eye], [-eye, zero]])
+
+
+def map_functions(prob, wrap):
+    """``prob`` with each of its functions (rhs, history, delays, a callable x0) replaced by
+    wrap(fn); a GradientField's H and extra are replaced inside it, so that the adjoints still
+    recognise the field."""
+    w = lambda fn: wrap(fn) if callable(fn) else fn
+    rhs = prob.rhs
+    if isinstance(rhs, GradientField):
+        rhs = eqx.tree_at(lambda g: (g.H, g.extra), rhs, (w(rhs.H), w(rhs.extra)), is_leaf=lambda v: v is None)
+    else:
+        rhs = w(rhs)
+    if isinstance(prob, ODEProblem):
+        return ODEProblem(rhs, w(prob.x0), prob.t0, prob.t1)
+    return DDEProblem(rhs, w(prob.history), w(prob.delays), prob.t0, prob.t1, w(prob.x0))
+
+
+class _WithSettings(eqx.Module):
+    """``fn`` with the leaves of p that are not floating-point arrays put back into its last
+    argument, p."""
+
+    fn: Callable
+    settings: Any
+
+    def __call__(self, *args):
+        return self.fn(*args[:-1], eqx.combine(args[-1], self.settings))
+
+
+def split_settings(prob, p):
+    """(prob, p) with p reduced to its floating-point arrays, the parameters: the leaves that
+    are not (an int, a bool, a string: settings) move into the problem's functions. ForwardMode
+    and the continuous adjoints differentiate every leaf they are given (jax.jacfwd, a gradient
+    of p's size) and failed on an int with a message from deep inside JAX."""
+    params, settings = eqx.partition(p, eqx.is_inexact_array)
+    if not jax.tree_util.tree_leaves(settings):
+        return prob, p
+    return map_functions(prob, lambda fn: _WithSettings(fn, settings)), params

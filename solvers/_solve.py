@@ -16,7 +16,7 @@ from . import _forward
 from ._controller import ConstantStepSize, PIController
 from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW, WINDOWS_FULL
 from ._precision import check_precision, with_precision
-from ._problem import DDEProblem, ODEProblem
+from ._problem import DDEProblem, ODEProblem, split_settings
 from ._setup import AD_TRACERS, Options, build, delays_of, differentiation, initial_state, is_concrete
 from ._tableau import ExplicitRK, Tsit5
 from .sensitivity import AbstractSensitivity, Backprop, ForwardMode, QuadratureAdjoint, default_sensitivity
@@ -128,7 +128,9 @@ def stats_of(final):
 def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensitivity=None, max_steps=4096,
           dt0=None, controller=None, history_size=None, land_on_saveat=True, throw=True,
           matmul_precision="highest", _track_breakpoints=True) -> Solution:
-    """Solve an ``ODEProblem`` or ``DDEProblem`` with parameters ``p`` (any pytree of float arrays).
+    """Solve an ``ODEProblem`` or ``DDEProblem`` with parameters ``p``: any pytree, whose
+    floating-point arrays and floats are the parameters; other leaves (an int, a bool, a string)
+    are settings the problem's functions receive unchanged and no method differentiates.
 
     saveat: 1-D increasing times in [t0, t1] (default: t1 only). The solver lands exactly on
     each (``land_on_saveat=True``, the default: values at save times are step values; a save
@@ -189,6 +191,9 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         raise TypeError(f"throw must be True or False, got {throw!r}")
     check_precision(matmul_precision)
     prob = with_precision(prob, matmul_precision)
+    # a float in p becomes a (weakly typed) array: a new value reuses the program solve compiles
+    # (eager), and the custom VJPs' closure conversion sees the array their rules get (traced)
+    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)
     if not isinstance(history_size, int) or history_size < 1:
         raise ValueError(f"history_size must be a positive int, got {history_size!r}")
     tab = solver.tableau
@@ -218,8 +223,6 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         return _solve_traced(prob, p, saveat, dt0, opts, sensitivity)
     if isinstance(prob, DDEProblem) and _all_concrete(p):
         delays_of(prob, p, dtype)  # a ValueError naming the delays, before anything compiles
-    # a float in p becomes a (weakly typed) array, so a new value reuses the compiled program
-    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)
     return _solve_compiled(prob, p, saveat, dt0, dataclasses.replace(opts, dt0=None), sensitivity)
 
 
@@ -288,11 +291,11 @@ def _solve_traced(prob, p, saveat, dt0, opts: Options, sensitivity) -> Solution:
     elif isinstance(sensitivity, ForwardMode):
         from .sensitivity._forward_mode import forward_mode_solve
 
-        ys, stats = forward_mode_solve(prob, p, saveat, opts)
+        ys, stats = forward_mode_solve(*split_settings(prob, p), saveat, opts)
     else:
         from .sensitivity._adjoint import adjoint_solve
 
-        ys, stats = adjoint_solve(prob, p, saveat, opts, sensitivity)
+        ys, stats = adjoint_solve(*split_settings(prob, p), saveat, opts, sensitivity)
     if not opts.throw:  # a bad saveat makes every saved value NaN, as the failures inside the solve do
         ys = jnp.where(bad_saveat, jnp.asarray(jnp.nan, ys.dtype), ys)
     return Solution(ts=saveat, ys=ys, stats=stats)

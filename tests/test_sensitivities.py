@@ -442,6 +442,38 @@ def test_eager_backprop_hessian_vector_product_with_interpolated_saves():
         assert abs(float(eager[k]) - float(jitted[k])) < 1e-9 * max(1.0, abs(float(jitted[k]))), k
 
 
+@pytest.mark.slow
+def test_settings_in_p_and_python_floats(refcases):
+    """p may hold settings next to its parameters: an int, a bool, an int array. ForwardMode and
+    the continuous adjoints differentiate every leaf they are given and failed on them ("jacfwd
+    requires real-valued inputs", "float0 is not a valid dtype"); Backprop alone worked. A Python
+    float as p, with a problem function closing over a jitted value, failed too ("Closure-converted
+    function called with different dynamic arguments"). Every method now agrees with Backprop."""
+    H = lambda x, p: (x[1] ** 2 / (2 * p["m"]) + p["k"] * (1 - jnp.cos(x[0]))) * (1.0 if p["on"] else 0.5)
+    extra = lambda t, x, p: -p["g"] * p["n"] * x
+    field = sv.GradientField(H, sv.canonical_hamiltonian_j(2), extra)
+    ode = sv.ODEProblem(field, jnp.array([1.0, 0.0]), 0.0, 5.0)
+    settings = {"on": True, "n": jnp.asarray(3)}
+    L = lambda q, s: jnp.sum(sv.solve(ode, dict(q, **settings), saveat=jnp.array([2.0, 5.0]), rtol=1e-10,
+                                      atol=1e-12, sensitivity=s).ys ** 2)
+    q = {"m": jnp.asarray(1.0), "k": jnp.asarray(2.0), "g": jnp.asarray(0.05)}
+    ref = jax.jit(jax.grad(lambda q: L(q, sv.Backprop())))(q)
+    for s in ODE_METHODS[1:]:
+        _assert_close(jax.jit(jax.grad(lambda q: L(q, s)))(q), {k: float(v) for k, v in ref.items()}, 1e-8, repr(s))
+
+    case = refcases["A_jump"]
+    p = refcase_params(case)
+
+    def dde_loss(c, s):  # p = b, a Python float; the history closes over c, traced under jit
+        rhs = lambda t, x, lag, b: p["a"] * x + b * lag[0]
+        prob = sv.DDEProblem(rhs, lambda t, b: c * jnp.ones_like(t), lambda b: jnp.stack([p["tau"]]), 0.0,
+                             case["T"], x0=p["x0"])
+        return sv.solve(prob, float(p["b"]), rtol=1e-10, atol=1e-12, sensitivity=s).ys[-1]
+    for s in DDE_METHODS:
+        got = float(jax.jit(jax.grad(lambda c: dde_loss(c, s)))(p["c"]))
+        assert abs(got - case["grad_xT"]["c"]) <= 1e-6 * abs(case["grad_xT"]["c"]), repr(s)
+
+
 def test_sensitivity_arguments_are_checked():
     with pytest.raises(ValueError, match="checkpoints must be a positive int, got 0"):
         sv.InterpolatingAdjoint(checkpoints=0)
