@@ -137,10 +137,12 @@ class _WithSettings(eqx.Module):
 
 
 def split_settings(prob, p):
-    """(prob, p) with p reduced to its floating-point arrays, the parameters: the leaves that
-    are not (an int, a bool, a string: settings) move into the problem's functions. ForwardMode
-    and the continuous adjoints differentiate every leaf they are given (jax.jacfwd, a gradient
-    of p's size) and failed on an int with a message from deep inside JAX."""
+    """(prob, p) for ForwardMode and the continuous adjoints: p reduced to its floating-point
+    arrays, the parameters (a Python float becomes one: their custom VJP gets it as an array, and
+    a function's closure conversion traced with the float failed on it); the other leaves (an
+    int, a bool, a string: settings) move into the problem's functions. Those methods
+    differentiate every leaf they are given, and failed on an int deep inside JAX."""
+    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)
     params, settings = eqx.partition(p, eqx.is_inexact_array)
     if not jax.tree_util.tree_leaves(settings):
         return prob, p

@@ -191,9 +191,6 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         raise TypeError(f"throw must be True or False, got {throw!r}")
     check_precision(matmul_precision)
     prob = with_precision(prob, matmul_precision)
-    # a float in p becomes a (weakly typed) array: a new value reuses the program solve compiles
-    # (eager), and the custom VJPs' closure conversion sees the array their rules get (traced)
-    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)
     if not isinstance(history_size, int) or history_size < 1:
         raise ValueError(f"history_size must be a positive int, got {history_size!r}")
     tab = solver.tableau
@@ -223,6 +220,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         return _solve_traced(prob, p, saveat, dt0, opts, sensitivity)
     if isinstance(prob, DDEProblem) and _all_concrete(p):
         delays_of(prob, p, dtype)  # a ValueError naming the delays, before anything compiles
+    # a float in p becomes a (weakly typed) array, so a new value reuses the compiled program
+    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)
     return _solve_compiled(prob, p, saveat, dt0, dataclasses.replace(opts, dt0=None), sensitivity)
 
 
