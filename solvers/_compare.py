@@ -7,6 +7,7 @@ import dataclasses
 import statistics
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,8 +57,9 @@ def _methods_for(prob):
 
 def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1e-6, repeats=3,
                           verbose=True, **solve_kwargs) -> Comparison:
-    """Gradient of ``loss(sol.ys)`` w.r.t. ``p`` by every applicable method and by central
-    finite differences (float64), with timings; prints the table unless ``verbose=False``.
+    """Gradient of ``loss(sol.ys)`` w.r.t. ``p`` (its floating-point leaves; ints and bools are
+    settings, left as they are) by every applicable method and by central finite differences
+    (float64), with timings; prints the table unless ``verbose=False``.
 
     methods: dict name -> sensitivity (default: every method that supports the problem).
     solve_kwargs go to ``solve`` (default tolerances here: rtol=1e-10, atol=1e-12).
@@ -67,11 +69,16 @@ def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1
                          "jax.config.update('jax_enable_x64', True) first")
     solve_kwargs = {"rtol": 1e-10, "atol": 1e-12, **solve_kwargs}
     methods = _methods_for(prob) if methods is None else dict(methods)
-    p_flat, unravel = ravel_pytree(p)
+    # the floating-point leaves are the parameters; other leaves (settings) are neither
+    # differentiated nor perturbed (raveled with them, an int read back perturbed values)
+    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)
+    params, settings = eqx.partition(p, eqx.is_inexact_array)
+    p_flat, unravel = ravel_pytree(params)
     p_flat = p_flat.astype(jnp.float64)
 
     def objective(flat, sensitivity):
-        sol = solve(prob, unravel(flat), saveat=saveat, sensitivity=sensitivity, **solve_kwargs)
+        q = eqx.combine(unravel(flat), settings)
+        sol = solve(prob, q, saveat=saveat, sensitivity=sensitivity, **solve_kwargs)
         return loss(sol.ys)
 
     gradients, seconds = {}, {}
