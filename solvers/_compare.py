@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from ._problem import DDEProblem
+from ._problem import DDEProblem, floats_as_arrays
 from ._solve import solve
 from .sensitivity import BacksolveAdjoint, Backprop, ForwardMode, InterpolatingAdjoint, QuadratureAdjoint
 
@@ -71,8 +71,7 @@ def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1
     methods = _methods_for(prob) if methods is None else dict(methods)
     # the floating-point leaves are the parameters; other leaves (settings) are neither
     # differentiated nor perturbed (raveled with them, an int read back perturbed values)
-    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)
-    params, settings = eqx.partition(p, eqx.is_inexact_array)
+    params, settings = eqx.partition(floats_as_arrays(p), eqx.is_inexact_array)
     p_flat, unravel = ravel_pytree(params)
     p_flat = p_flat.astype(jnp.float64)
 

@@ -142,8 +142,12 @@ def split_settings(prob, p):
     a function's closure conversion traced with the float failed on it); the other leaves (an
     int, a bool, a string: settings) move into the problem's functions. Those methods
     differentiate every leaf they are given, and failed on an int deep inside JAX."""
-    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)
-    params, settings = eqx.partition(p, eqx.is_inexact_array)
+    params, settings = eqx.partition(floats_as_arrays(p), eqx.is_inexact_array)
     if not jax.tree_util.tree_leaves(settings):
-        return prob, p
+        return prob, params
     return map_functions(prob, lambda fn: _WithSettings(fn, settings)), params
+
+
+def floats_as_arrays(p):
+    """p with each Python float a (weakly typed) JAX array."""
+    return jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)

@@ -16,7 +16,7 @@ from . import _forward
 from ._controller import ConstantStepSize, PIController
 from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW, WINDOWS_FULL
 from ._precision import check_precision, with_precision
-from ._problem import DDEProblem, ODEProblem, split_settings
+from ._problem import DDEProblem, ODEProblem, floats_as_arrays, split_settings
 from ._setup import AD_TRACERS, Options, build, delays_of, differentiation, initial_state, is_concrete
 from ._tableau import ExplicitRK, Tsit5
 from .sensitivity import AbstractSensitivity, Backprop, ForwardMode, QuadratureAdjoint, default_sensitivity
@@ -221,7 +221,7 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     if isinstance(prob, DDEProblem) and _all_concrete(p):
         delays_of(prob, p, dtype)  # a ValueError naming the delays, before anything compiles
     # a float in p becomes a (weakly typed) array, so a new value reuses the compiled program
-    p = jax.tree_util.tree_map(lambda v: jnp.asarray(v) if isinstance(v, float) else v, p)
+    p = floats_as_arrays(p)
     return _solve_compiled(prob, p, saveat, dt0, dataclasses.replace(opts, dt0=None), sensitivity)
 
 
