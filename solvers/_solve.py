@@ -107,14 +107,12 @@ def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, 
     return final, built
 
 
-def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None, forward_differentiated=None):
+def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
     """(ys, stats) of the forward loop that reverse mode differentiates step by step (Backprop).
-    forward_differentiated (None: opts.grad_differentiated): the reverse pass will itself be
-    differentiated in forward mode (see _forward.SAVE_WINDOW)."""
-    if forward_differentiated is None:
-        forward_differentiated = opts.grad_differentiated
+    With opts.grad_differentiated the reverse pass will itself be differentiated in forward mode
+    (see _forward.SAVE_WINDOW)."""
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints,
-                             save_window=forward_differentiated)
+                             save_window=opts.grad_differentiated)
     ys = check_status(final.ys, final.status, opts)
     msgs = tuple(_error_messages(opts.max_steps, opts.history_size))
     return (backprop_checks(ys, final.y, final.status, lax.stop_gradient(final.overflowed), msgs, opts.on_error),

@@ -29,6 +29,8 @@ them in once per chunk of steps by one VJP (the same sum, another order).
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -390,12 +392,12 @@ def _discrete_reverse(prob, p, saveat, opts):
     origins: common with commensurate delays and observation grids); one landing for both
     misses that motion (measured on A_cont: a Hessian-vector product off by 0.05-0.3, every
     component). The discrete solve's stops are the forward breakpoints only, each landed on
-    alone. Decided in the forward rule, so that neither the checkpointed forward nor a second
-    solve runs."""
+    alone. Taken by the forward rule when the tracers show the jvp coming (then neither the
+    checkpointed forward nor the sweep runs), else by the sweep's custom JVP rule."""
     from .._solve import backprop_solve
 
-    ys, pullback, stats = jax.vjp(lambda q: backprop_solve(prob, q, saveat, opts, forward_differentiated=True), p,
-                                  has_aux=True)
+    opts = dataclasses.replace(opts, grad_differentiated=True)
+    ys, pullback, stats = jax.vjp(lambda q: backprop_solve(prob, q, saveat, opts), p, has_aux=True)
     return (ys, stats), pullback
 
 
