@@ -73,6 +73,17 @@ class GradientField(eqx.Module):
         if self.adjoint_vjp not in allowed:
             raise ValueError(f"GradientField: adjoint_vjp must be one of {allowed}, got {self.adjoint_vjp!r}")
 
+    def check(self, x, p):
+        """Errors that name J or H when they do not fit the state x (JAX's own name neither)."""
+        d = x.shape[-1] if x.ndim else None
+        if x.ndim == 0 or jnp.shape(self.J) != (d, d):
+            raise ValueError(f"GradientField: J must be a (d, d) matrix with d = x.shape[-1] = {d}, got shape "
+                             f"{jnp.shape(self.J)}")
+        h = jax.eval_shape(lambda: self.H(x, p))  # p closed over: settings stay Python values
+        if h.shape != ():
+            raise ValueError(f"GradientField: H(x, p) must return a scalar (sum over a batch of states "
+                             f"yourself), got shape {h.shape}")
+
     def vjp_with(self, t, x, p, lam):
         """(f, f_xᵀλ, f_pᵀλ) by one forward-over-reverse pass: the jvp of x ↦ (∇ₓH, ∇_pH) in
         the direction v = Jᵀλ gives ∇²ₓH v and ∇_p(∇ₓH·v) together (DESIGN.md, Nested AD)."""

@@ -14,7 +14,7 @@ import numpy as np
 from . import _history
 from ._breakpoints import breakpoint_times, saves_off_breakpoints, separating_shift, stop_times
 from ._forward import LoopConfig, Rhs
-from ._problem import DDEProblem, ODEProblem
+from ._problem import DDEProblem, GradientField, ODEProblem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +176,8 @@ def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_s
     capacity = opts.history_size if capacity is None else capacity
     keep_from = jnp.asarray(-jnp.inf, dtype) if keep_all else None
     if isinstance(prob, ODEProblem):
+        if isinstance(prob.rhs, GradientField):
+            prob.rhs.check(y0, p)
         out = jax.eval_shape(lambda: prob.rhs(jnp.zeros((), dtype), y0, p))
         check_output(out, y0, "rhs(t, x, p)")
         rhs = Rhs(eval=lambda hist, t, y, left: prob.rhs(t, y, p), cap=jnp.asarray(jnp.inf, dtype),

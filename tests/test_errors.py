@@ -103,6 +103,12 @@ def test_bad_arguments():
         jax.jit(lambda t1: sv.solve(_ode(lambda t, x, p: -x, t1=t1), None).ys)(-1.0)
     with pytest.raises(eqx.EquinoxRuntimeError, match="saveat must be strictly increasing"):
         sv.solve(prob, None, saveat=jnp.array([1.0, 0.5]))
+    H = lambda x, p: jnp.sum(x**2)  # JAX's messages named neither J nor H
+    for J in (jnp.eye(3), jnp.ones(2)):  # was "dot_general requires contracting dimensions ..."
+        with pytest.raises(ValueError, match=rf"GradientField: J must be a \(d, d\) matrix with d = x.shape\[-1\] = 2, got shape \({J.shape[0]},"):
+            sv.solve(sv.ODEProblem(sv.GradientField(H, J), jnp.ones(2), 0.0, 1.0), None)
+    with pytest.raises(ValueError, match=r"GradientField: H\(x, p\) must return a scalar .* got shape \(2,\)"):
+        sv.solve(sv.ODEProblem(sv.GradientField(lambda x, p: x**2, jnp.eye(2)), jnp.ones(2), 0.0, 1.0), None)
     with pytest.raises(TypeError, match="x0 must be one array .* got dict: flatten a pytree state"):
         sv.solve(sv.ODEProblem(lambda t, x, p: x, {"q": jnp.ones(2)}, 0.0, 1.0), None)
     with pytest.raises(ValueError, match="delays\\(p\\) must return a 1-D array"):
