@@ -104,6 +104,9 @@ def initial_state(prob, p):
 def check_output(out, y0, what):
     """``out`` (what rhs or history returned) must have the state's shape and a dtype that
     does not promote the state's (a float32 output in a float64 solve is fine)."""
+    if not isinstance(out, jax.ShapeDtypeStruct | jax.Array):
+        raise TypeError(f"{what} must return one array of the state's shape {y0.shape}, got "
+                        f"{type(out).__name__}: flatten a pytree into one array")
     if out.shape != y0.shape:
         raise ValueError(f"{what} returned shape {out.shape} but the state x has shape {y0.shape}; "
                          "they must match")

@@ -10,6 +10,7 @@ import equinox as eqx
 import jax
 import jax.extend
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _forward
@@ -91,9 +92,17 @@ def _checks_bwd(msgs, on_error, res, ct):
 backprop_checks.defvjp(_checks_fwd, _checks_bwd)
 
 
-def _check_positive(name, value):
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+def _positive(name, value) -> float:
+    """A tolerance as a Python float (it fixes the compiled step control, so it cannot be traced)."""
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"{name} must be a concrete number, got a traced value ({value.aval}): tolerances "
+                        "steer the compiled step control; pass a Python float (close over it, not as an argument of jit)")
+    if isinstance(value, (int, float, np.generic, np.ndarray, jax.Array)) and not isinstance(value, bool) \
+            and jnp.ndim(value) == 0 and jnp.issubdtype(jnp.result_type(value), jnp.number):
+        number = float(value)
+        if math.isfinite(number) and number > 0:
+            return number
+    raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, save_window=False):
@@ -179,8 +188,7 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         raise ValueError(f"{type(sensitivity).__name__} does not support delay equations (the past cannot "
                          "be re-integrated backward); use InterpolatingAdjoint(), QuadratureAdjoint(), "
                          "Backprop() or ForwardMode()")
-    _check_positive("rtol", rtol)
-    _check_positive("atol", atol)
+    rtol, atol = _positive("rtol", rtol), _positive("atol", atol)
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
     if history_size is None:

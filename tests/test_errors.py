@@ -3,6 +3,7 @@
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import solvers as sv
@@ -85,6 +86,9 @@ def test_complex_and_promoting_dtypes_are_refused_not_cast():
                              lambda p: jnp.array([1.0]), 0.0, 1.0, x0=jnp.ones(1, jnp.float32))
     with pytest.raises(TypeError, match=r"history\(t, p\) returned dtype float64 but the state x is float32"):
         sv.solve(bad_hist, None)
+    for tree in (lambda x: (x,), lambda x: {"x": x}):  # was "'tuple' object has no attribute 'shape'"
+        with pytest.raises(TypeError, match=r"rhs\(t, x, p\) must return one array of the state's shape \(1,\), got"):
+            sv.solve(_ode(lambda t, x, p: tree(-x)), None)
     ys = sv.solve(_ode(lambda t, x, p: (-x).astype(jnp.float32)), None, rtol=1e-5).ys
     assert ys.dtype == jnp.float64 and abs(float(ys[-1, 0]) - float(jnp.exp(-2.0))) < 1e-4
 
@@ -93,6 +97,14 @@ def test_bad_arguments():
     prob = _ode(lambda t, x, p: -x)
     with pytest.raises(ValueError, match="rtol must be a positive finite number, got -1"):
         sv.solve(prob, None, rtol=-1)
+    for bad in ("1e-6", True, jnp.ones(2), float("nan")):
+        with pytest.raises(ValueError, match="atol must be a positive finite number, got"):
+            sv.solve(prob, None, atol=bad)
+    with pytest.raises(TypeError, match="rtol must be a concrete number, got a traced value"):
+        jax.jit(lambda r: sv.solve(prob, None, rtol=r).ys)(1e-6)
+    # a concrete 0-d array or NumPy scalar is a number (was "must be a positive finite number, got Array(1e-06)")
+    same = [sv.solve(prob, None, rtol=r).ys for r in (1e-6, jnp.asarray(1e-6), np.float64(1e-6))]
+    assert all(bool(jnp.all(ys == same[0])) for ys in same)
     with pytest.raises(ValueError, match="max_steps must be a positive int, got 0"):
         sv.solve(prob, None, max_steps=0)
     with pytest.raises(ValueError, match=r"need finite t0 < t1, got t0=0.0, t1=0.0"):
