@@ -19,6 +19,9 @@ class ODEProblem(eqx.Module):
     t0: Any
     t1: Any
 
+    def __check_init__(self):
+        _check_callables(self, ("rhs",))
+
     def initial_state(self, p):
         return _as_state(self.x0(p) if callable(self.x0) else self.x0, "x0")
 
@@ -39,10 +42,20 @@ class DDEProblem(eqx.Module):
     t1: Any
     x0: Any = None
 
+    def __check_init__(self):
+        _check_callables(self, ("rhs", "history", "delays"))
+
     def initial_state(self, p):
         if self.x0 is None:
             return _as_state(self.history(jnp.asarray(self.t0), p), "history(t0, p)")
         return _as_state(self.x0(p) if callable(self.x0) else self.x0, "x0")
+
+
+def _check_callables(prob, names):
+    for name in names:
+        if not callable(getattr(prob, name)):
+            raise TypeError(f"{type(prob).__name__}: {name} must be a function, got "
+                            f"{type(getattr(prob, name)).__name__} {getattr(prob, name)!r}")
 
 
 def _as_state(value, what):

@@ -92,6 +92,12 @@ def _checks_bwd(msgs, on_error, res, ct):
 backprop_checks.defvjp(_checks_fwd, _checks_bwd)
 
 
+def _positive_int(name, value) -> int:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
+        return int(value)
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _positive(name, value) -> float:
     """A tolerance as a Python float (it fixes the compiled step control, so it cannot be traced)."""
     if isinstance(value, jax.core.Tracer):
@@ -189,19 +195,20 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
                          "be re-integrated backward); use InterpolatingAdjoint(), QuadratureAdjoint(), "
                          "Backprop() or ForwardMode()")
     rtol, atol = _positive("rtol", rtol), _positive("atol", atol)
-    if not isinstance(max_steps, int) or max_steps < 1:
-        raise ValueError(f"max_steps must be a positive int, got {max_steps!r}")
+    max_steps = _positive_int("max_steps", max_steps)
     if history_size is None:
         history_size = max_steps if isinstance(sensitivity, QuadratureAdjoint) else min(max_steps, 256)
-    if not isinstance(throw, bool):
-        raise TypeError(f"throw must be True or False, got {throw!r}")
+    for name, flag in (("throw", throw), ("land_on_saveat", land_on_saveat)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
     check_precision(matmul_precision)
     prob = with_precision(prob, matmul_precision)
-    if not isinstance(history_size, int) or history_size < 1:
-        raise ValueError(f"history_size must be a positive int, got {history_size!r}")
+    history_size = _positive_int("history_size", history_size)
     tab = solver.tableau
     if controller is None:
         controller = PIController() if tab.adaptive else ConstantStepSize()
+    if not isinstance(controller, (PIController, ConstantStepSize)):
+        raise TypeError(f"controller must be PIController(...) or ConstantStepSize(), got {controller!r}")
     if isinstance(controller, ConstantStepSize):
         if dt0 is None:
             raise ValueError(f"{tab.name} with constant steps needs dt0 (solve(..., dt0=...))")

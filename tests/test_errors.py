@@ -107,6 +107,18 @@ def test_bad_arguments():
     assert all(bool(jnp.all(ys == same[0])) for ys in same)
     with pytest.raises(ValueError, match="max_steps must be a positive int, got 0"):
         sv.solve(prob, None, max_steps=0)
+    for name in ("max_steps", "history_size"):  # True was the int 1: a budget of one step
+        with pytest.raises(ValueError, match=f"{name} must be a positive int, got True"):
+            sv.solve(prob, None, **{name: True})
+    assert sv.solve(prob, None, max_steps=np.int64(100)).stats["steps"] > 1
+    with pytest.raises(TypeError, match="land_on_saveat must be True or False, got 'no'"):  # was landed (truthy)
+        sv.solve(prob, None, land_on_saveat="no")
+    with pytest.raises(TypeError, match="controller must be PIController.* or ConstantStepSize.*, got 'pi'"):
+        sv.solve(prob, None, controller="pi")  # was AttributeError: 'str' object has no attribute 'init_state'
+    with pytest.raises(TypeError, match="ODEProblem: rhs must be a function, got float 3.0"):
+        sv.ODEProblem(3.0, jnp.ones(1), 0.0, 1.0)
+    with pytest.raises(TypeError, match=r"DDEProblem: delays must be a function, got Array"):
+        sv.DDEProblem(lambda t, x, lag, p: -lag[0], lambda t, p: jnp.ones(1), jnp.array([1.0]), 0.0, 1.0)
     with pytest.raises(ValueError, match=r"need finite t0 < t1, got t0=0.0, t1=0.0"):
         sv.solve(_ode(lambda t, x, p: -x, t1=0.0), None)
     with pytest.raises(ValueError, match=r"need finite t0 < t1, got t0=0.0, t1=inf"):  # was "step size underflow"
