@@ -19,10 +19,11 @@ class ConfigError(ValueError):
     """A job file or override that does not describe a valid job."""
 
 
-def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, pattern=None, item=int, doc=""):
+def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, pattern=None, item=int, doc="",
+          hint="no spaces, quotes, $ or newlines"):
     return dataclasses.field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi,
                                                         "lo_open": lo_open, "pattern": pattern, "item": item,
-                                                        "doc": doc})
+                                                        "doc": doc, "hint": hint})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +83,9 @@ class OptimizerConfig:
 class BackendConfig:
     kind: str = _spec("local", choices=("local", "dask", "dask-slurm", "mpi"))
     workers: int = _spec(1, lo=1, doc="shards (dask workers, mpi ranks); local computes them in turn")
-    scheduler: str = _spec("", doc="dask: tcp://host:port of an existing scheduler; empty: embedded cluster")
+    scheduler: str = _spec("", pattern=r"(((tcp|tls)://)?([A-Za-z0-9_.-]+|\[[0-9A-Fa-f:]+\]):[0-9]{1,5})?",
+                           doc="dask: tcp://host:port of an existing scheduler; empty: embedded cluster",
+                           hint="host:port or tcp://host:port")
     pin_cpus: bool = _spec(True, doc="without GPUs: give each worker/rank on a node its own block of cores")
 
 
@@ -181,8 +184,7 @@ def _check_value(section: str, field: dataclasses.Field, value: Any):
     if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
         raise ConfigError(f"{where} must be of type {want.__name__}, got {value!r} ({type(value).__name__})")
     if meta["pattern"] is not None and not re.fullmatch(meta["pattern"], value):
-        raise ConfigError(f"{where} must match {meta['pattern']} (no spaces, quotes, $ or newlines), "
-                          f"got {value!r}")
+        raise ConfigError(f"{where} must match {meta['pattern']} ({meta['hint']}), got {value!r}")
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ConfigError(f"{where} must be one of {', '.join(map(repr, meta['choices']))}; got {value!r}")
     if want in (int, float):

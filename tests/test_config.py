@@ -62,9 +62,16 @@ def test_choice_lists_allowed_values(tmp_path):
                                       ("[train]\nbatch_size = 0\n", "train.batch_size"),
                                       ("[checkpoint]\nkeep = 0\n", "checkpoint.keep"),
                                       ("[solver]\natol = nan\n", "solver.atol"),
-                                      ("[model]\nhidden = [8, -1]\n", "model.hidden")])
+                                      ("[model]\nhidden = [8, -1]\n", "model.hidden"),
+                                      # was distributed's traceback "missing port number in address"
+                                      ('[backend]\nscheduler = "badaddr"\n', "backend.scheduler")])
 def test_out_of_range(tmp_path, text, key):
     assert key in _err(tmp_path, text)
+
+
+def test_scheduler_address_is_checked(tmp_path):
+    assert "backend.scheduler must match" in _err(tmp_path, '[backend]\nscheduler = "tcp://node-3"\n')
+    assert "(host:port or tcp://host:port), got 'tcp://node-3'" in _err(tmp_path, '[backend]\nscheduler = "tcp://node-3"\n')
 
 
 def test_invalid_toml_names_file(tmp_path):
