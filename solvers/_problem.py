@@ -44,6 +44,9 @@ class DDEProblem(eqx.Module):
 
     def __check_init__(self):
         _check_callables(self, ("rhs", "history", "delays"))
+        if isinstance(self.rhs, GradientField):
+            raise TypeError("DDEProblem: a GradientField is an ODE right-hand side (dx/dt = J ∇H(x, p)); a DDE's "
+                            "rhs(t, x, lagged, p) is a function: call jax.grad inside it")
 
     def initial_state(self, p):
         if self.x0 is None:
@@ -85,6 +88,9 @@ class GradientField(eqx.Module):
         allowed = ("forward-over-reverse", "reverse-over-reverse")
         if self.adjoint_vjp not in allowed:
             raise ValueError(f"GradientField: adjoint_vjp must be one of {allowed}, got {self.adjoint_vjp!r}")
+        if not callable(self.H) or not (self.extra is None or callable(self.extra)):
+            raise TypeError(f"GradientField: H must be a function H(x, p) and extra None or a function "
+                            f"extra(t, x, p), got H={self.H!r}, extra={self.extra!r}")
 
     def check(self, x, p):
         """Errors that name J or H when they do not fit the state x (JAX's own name neither)."""
@@ -96,6 +102,11 @@ class GradientField(eqx.Module):
         if h.shape != ():
             raise ValueError(f"GradientField: H(x, p) must return a scalar (sum over a batch of states "
                              f"yourself), got shape {h.shape}")
+        if self.extra is not None:
+            e = jax.eval_shape(lambda: self.extra(jnp.zeros((), x.dtype), x, p))
+            if getattr(e, "shape", None) != x.shape:  # a (1,) output would broadcast silently
+                raise ValueError(f"GradientField: extra(t, x, p) must return the state's shape {x.shape}, got "
+                                 f"{getattr(e, 'shape', type(e).__name__)}")
 
     def vjp_with(self, t, x, p, lam):
         """(f, f_xᵀλ, f_pᵀλ) by one forward-over-reverse pass: the jvp of x ↦ (∇ₓH, ∇_pH) in
@@ -126,8 +137,8 @@ class GradientField(eqx.Module):
 
 def canonical_hamiltonian_j(d: int) -> jnp.ndarray:
     """The symplectic J = [[0, I], [-I, 0]] for a state (q, p) of even size d."""
-    if d % 2:
-        raise ValueError(f"canonical J needs an even state size, got d={d}")
+    if isinstance(d, bool) or not isinstance(d, int) or d < 2 or d % 2:
+        raise ValueError(f"canonical J needs an even state size d >= 2, got d={d!r}")
     n = d // 2
     eye = jnp.eye(n)
     zero = jnp.zeros((n, n))

@@ -133,6 +133,16 @@ def test_bad_arguments():
             sv.solve(sv.ODEProblem(sv.GradientField(H, J), jnp.ones(2), 0.0, 1.0), None)
     with pytest.raises(ValueError, match=r"GradientField: H\(x, p\) must return a scalar .* got shape \(2,\)"):
         sv.solve(sv.ODEProblem(sv.GradientField(lambda x, p: x**2, jnp.eye(2)), jnp.ones(2), 0.0, 1.0), None)
+    J = sv.canonical_hamiltonian_j(2)
+    with pytest.raises(ValueError, match=r"GradientField: extra\(t, x, p\) must return the state's shape \(2,\), got \(1,\)"):
+        sv.solve(sv.ODEProblem(sv.GradientField(H, J, extra=lambda t, x, p: -x[:1]), jnp.ones(2), 0.0, 1.0), None)
+    with pytest.raises(TypeError, match="GradientField: H must be a function H\\(x, p\\) .* got H=3.0"):
+        sv.GradientField(3.0, J)
+    with pytest.raises(TypeError, match="DDEProblem: a GradientField is an ODE right-hand side"):
+        sv.DDEProblem(sv.GradientField(H, J), lambda t, p: jnp.ones(2), lambda p: jnp.array([1.0]), 0.0, 1.0)
+    for d in (0, 3, 2.0):  # 0 gave an empty J
+        with pytest.raises(ValueError, match=f"canonical J needs an even state size d >= 2, got d={d}"):
+            sv.canonical_hamiltonian_j(d)
     with pytest.raises(TypeError, match="x0 must be one array .* got dict: flatten a pytree state"):
         sv.solve(sv.ODEProblem(lambda t, x, p: x, {"q": jnp.ones(2)}, 0.0, 1.0), None)
     with pytest.raises(ValueError, match="delays\\(p\\) must return a 1-D array"):
