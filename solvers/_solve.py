@@ -224,6 +224,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     saveat = jnp.reshape(t1, (1,)) if saveat is None else jnp.asarray(saveat, dtype)
     if saveat.ndim != 1 or saveat.shape[0] == 0:
         raise ValueError(f"saveat must be a non-empty 1-D array of times, got shape {saveat.shape}")
+    if throw and is_concrete(saveat) and is_concrete(t0) and is_concrete(t1):
+        _check_saveat([float(t) for t in np.asarray(saveat)], float(t0), float(t1))  # the traced check names no value
     separate = isinstance(prob, DDEProblem) and _delays_are_traced(prob, p)
     depth, forward_only = differentiation((prob, p, saveat, dt0))
     opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,
@@ -236,6 +238,20 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     # a float in p becomes a (weakly typed) array, so a new value reuses the compiled program
     p = floats_as_arrays(p)
     return _solve_compiled(prob, p, saveat, dt0, dataclasses.replace(opts, dt0=None), sensitivity)
+
+
+def _check_saveat(ts, t0, t1):
+    """A ValueError naming the first save time that is not finite, outside [t0, t1] or not after
+    the one before it (the same conditions as the check inside the solve)."""
+    for i, t in enumerate(ts):
+        where = f"ndde: saveat[{i}] = {t!r}"
+        if not math.isfinite(t):
+            raise ValueError(f"{where} is not a finite time")
+        if not t0 <= t <= t1:
+            raise ValueError(f"{where} lies outside [t0, t1] = [{t0!r}, {t1!r}]")
+        if i and not t > ts[i - 1]:
+            raise ValueError(f"{where} does not come after saveat[{i - 1}] = {ts[i - 1]!r}: saveat must be "
+                             "strictly increasing")
 
 
 def _all_concrete(tree) -> bool:
