@@ -285,9 +285,10 @@ def _delays_are_traced(prob, p) -> bool:
     than through jax.lax.stop_gradient: only then can it carry a derivative, and coinciding
     breakpoints need a landing each (_setup.solve_delays). Read from its jaxpr: under jit JAX
     stages even a constant array, so the value itself cannot tell."""
-    closed = jax.make_jaxpr(lambda q: jnp.asarray(prob.delays(q)))(p)
+    arrays, others = eqx.partition(p, eqx.is_array)  # others: settings, an eqx.nn.MLP's activation
+    closed = jax.make_jaxpr(lambda q: jnp.asarray(prob.delays(eqx.combine(q, others))))(arrays)
     jaxpr = closed.jaxpr
-    leaves = jax.tree_util.tree_leaves(p)
+    leaves = jax.tree_util.tree_leaves(arrays)
     live = {v for v, leaf in zip(jaxpr.invars, leaves) if not is_concrete(leaf)}
     live |= {v for v, c in zip(jaxpr.constvars, closed.consts) if not is_concrete(c)}
     is_var = lambda v: isinstance(v, jax.extend.core.Var)  # not a Literal

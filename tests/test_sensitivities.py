@@ -474,6 +474,32 @@ def test_settings_in_p_and_python_floats(refcases):
         assert abs(got - case["grad_xT"]["c"]) <= 1e-6 * abs(case["grad_xT"]["c"]), repr(s)
 
 
+class _DelayedMLP(eqx.Module):
+    mlp: eqx.nn.MLP  # holds its activation, a function, as a pytree leaf
+    tau: jax.Array
+
+
+@pytest.mark.slow
+def test_dde_with_an_equinox_module_as_p():
+    """p an eqx.nn.MLP (and a learned delay) as in the seed thread: every DDE method failed with
+    "Error interpreting argument ... as an abstract array" (the activation function is a leaf of
+    p, and reading whether the delays are traced traced all of p's leaves). ODEs were fine."""
+    mlp = eqx.nn.MLP(4, 2, 8, 1, activation=jnp.tanh, key=jax.random.PRNGKey(0), dtype=jnp.float64)
+    prob = sv.DDEProblem(lambda t, x, lag, m: m.mlp(jnp.concatenate([x, lag[0]])) - x,
+                         lambda t, m: jnp.array([1.0, 0.5]), lambda m: jnp.stack([m.tau, 2 * m.tau]), 0.0, 2.0)
+    L = lambda m, s, tol=1e-10: jnp.sum(sv.solve(prob, m, saveat=jnp.array([0.7, 1.5, 2.0]), rtol=tol,
+                                                 atol=tol * 1e-2, sensitivity=s).ys ** 2)
+    m = _DelayedMLP(mlp, jnp.asarray(0.45))
+    flat = lambda g: jax.flatten_util.ravel_pytree(eqx.filter(g, eqx.is_inexact_array))[0]
+    ref = flat(eqx.filter_jit(eqx.filter_grad(lambda m: L(m, sv.Backprop())))(m))
+    value = jax.jit(lambda tau: L(_DelayedMLP(mlp, tau), sv.Backprop(), 1e-12))
+    fd_tau = (value(m.tau + 1e-5) - value(m.tau - 1e-5)) / 2e-5
+    assert abs(float(ref[-1] - fd_tau)) <= 1e-6 * abs(float(fd_tau)), (float(ref[-1]), float(fd_tau))
+    for s in DDE_METHODS[1:]:
+        g = flat(eqx.filter_grad(lambda m: L(m, s))(m))
+        assert float(jnp.max(jnp.abs(g - ref)) / jnp.max(jnp.abs(ref))) <= 1e-6, repr(s)
+
+
 def test_compare_sensitivities_leaves_settings_alone():
     """An int in p was raveled with the parameters: finite differences perturbed it through a
     cast back to int and the table showed every method 1.0 (relative) away from them."""
