@@ -56,7 +56,7 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, loo
     x_stage, x_stages = x, [x]
     ts = [t + jnp.asarray(c, dtype) * h for c in tab.c[1:]]
     lefts = [reads_left(c) for c in tab.c[1:]]
-    if lookups is not None:
+    if lookups is not None and ts:  # Euler has no later stage
         looked = lookups(jnp.stack(ts), jnp.asarray(lefts))
         stage_f = lambda i, s, z: f(s, z, lefts[i - 1], jax.tree_util.tree_map(lambda a: a[i - 1], looked))
     else:

@@ -40,6 +40,7 @@ from jax.flatten_util import ravel_pytree
 from .. import _forward, _history
 from . import _closure
 from .._breakpoints import breakpoint_times, stop_times
+from .._controller import ConstantStepSize
 from .._problem import DDEProblem, GradientField
 from .._setup import build, delays_of, initial_state, lagged_values, solve_delays, unified_rhs
 from ._objects import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint
@@ -53,10 +54,8 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     interpolating = isinstance(sens, InterpolatingAdjoint)
 
     def forward(prob, p, saveat):
-        checkpoint_times = _checkpoint_times(prob, p, saveat, opts, sens) if interpolating else None
         keep_all = isinstance(sens, QuadratureAdjoint)
-        built = build(prob, p, saveat, opts, keep_all=keep_all, ring=interpolating,
-                      extra_stops=None if checkpoint_times is None else checkpoint_times[1:-1])
+        built = build(prob, p, saveat, opts, keep_all=keep_all, ring=interpolating)
         cfg = opts.loop_config()
         probe_times, probe_fn, probe_shape = None, None, None
         if is_dde:  # x and the delayed values at each t0 + τ_j, for the discontinuity terms
@@ -69,11 +68,14 @@ def adjoint_solve(prob, p, saveat, opts, sens):
         run = lambda st, t_end: _forward.run(cfg, built.rhs, st, t_end, saveat, built.stops, built.stop_is_bp,
                                              built.rtol, built.atol, opts.dt0, probe_times=probe_times,
                                              probe_fn=probe_fn)
-        if checkpoint_times is None:
+        checkpoint_times = None
+        if not interpolating:
             final = run(state, built.t1)
             residual = final.hist if keep_all else final.y
         else:
-            final, residual = _checkpointed_forward(run, state, checkpoint_times, built.rhs.max_delay, opts, is_dde)
+            targets = _checkpoint_times(prob, p, saveat, opts, sens)
+            final, residual, checkpoint_times = _checkpointed_forward(run, state, targets, built.rhs.max_delay,
+                                                                      opts, is_dde)
         ys = check_status(final.ys, final.status, opts)
         return (ys, stats_of(final)), (residual, final.probes, checkpoint_times, final.status)
 
@@ -137,11 +139,17 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     return solve_adj(p, saveat, arrays)
 
 
-def _checkpointed_forward(run, state, checkpoint_times, max_delay, opts, is_dde):
+def _checkpointed_forward(run, state, targets, max_delay, opts, is_dde):
     """The forward solve segment by segment, keeping the loop state at each checkpoint (without
     its history buffer); a DDE's history goes to the checkpoints' windows (_history.Windows)
-    instead. The final history buffer is kept too: it still holds the last steps."""
-    n = checkpoint_times.shape[0] - 1
+    instead. The final history buffer is kept too: it still holds the last steps.
+
+    A checkpoint is the end of the first step at or after its target time, not a stop of its
+    own, so the solve takes the steps it takes without checkpoints (a stop per checkpoint
+    changed them: constant steps of dt0 = 0.4 were cut to 0.125 by 16 checkpoints, and the value
+    under jax.grad differed from the plain solve's by 2.9e-5). Two targets within one step give
+    an empty segment. Returns (final state, residuals, checkpoint times)."""
+    n = targets.shape[0] - 1
     windows = None
     if is_dde:  # checkpoint 0's window stays empty: the solve starts without steps
         windows = _history.empty_windows(n, opts.history_size, opts.tableau.degree, state.y)
@@ -149,26 +157,27 @@ def _checkpointed_forward(run, state, checkpoint_times, max_delay, opts, is_dde)
 
     def segment(carry, i):  # segment i, then checkpoint i + 1's window
         st, windows = carry
-        start, st = light(st), run(st, checkpoint_times[i + 1])
+        start, st = light(st), run(st, targets[i + 1])
         if is_dde:
-            windows = _history.save_window(windows, i + 1, st.hist, checkpoint_times[i + 1] - max_delay)
+            windows = _history.save_window(windows, i + 1, st.hist, st.t - max_delay)
         return (st, windows), start
 
     (last, windows), states = jax.lax.scan(segment, (state, windows), jnp.arange(n - 1))
-    final = run(last, checkpoint_times[n])
+    final = run(last, targets[n])
     states = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), states, light(last))
     if is_dde:
         final = final._replace(status=jnp.where(windows.ok | (final.status != _forward.OK), final.status,
                                                 _forward.WINDOWS_FULL))
-    return final, (states, windows, final.hist)
+    times = jnp.concatenate([states.t, targets[n:]])  # where each segment starts, and t1
+    return final, (states, windows, final.hist), times
 
 
 def _checkpoint_times(prob, p, saveat, opts, sens):
-    """t0, N - 1 interior checkpoint times, t1. Each interior one is the uniform time
+    """t0, N - 1 interior checkpoint targets, t1 (each checkpoint is the first forward step end at
+    or after its target, see _checkpointed_forward). Each interior one is the uniform time
     t0 + i(t1 - t0)/N moved to the nearest time both sweeps land on anyway (an observation,
     or a forward breakpoint of a DDE) when one lies within half a segment: a checkpoint
-    elsewhere costs an extra step in the forward solve, in its re-solve and in the backward
-    sweep. Segments stay at most 2(t1 - t0)/N long."""
+    elsewhere costs the backward sweep a step of its own where its segment is re-solved."""
     dtype = initial_state(prob, p).dtype
     t0, t1 = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
     n = sens.checkpoints
@@ -351,7 +360,12 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         origins = jnp.concatenate([s_start[None], s_obs])
         forward_bps = -breakpoint_times(t0, taus, level)
         bps = jnp.concatenate([breakpoint_times(origins, taus, level), forward_bps])
-    extra = s_obs if checkpoint_times is None else jnp.concatenate([s_obs, -checkpoint_times[1:-1]])
+    extra = s_obs
+    if checkpoint_times is not None:  # the sweep ends a segment where one is re-solved, nowhere else
+        # (a checkpoint is a forward step's end: a stop there would cost the sweep a step of its own)
+        k = jnp.arange(1, checkpoint_times.shape[0] - 1)
+        first_held = _first_held(residual[2], checkpoint_times, taus, t0)
+        extra = jnp.concatenate([s_obs, jnp.where(k <= first_held, -checkpoint_times[1:-1], jnp.inf)])
     stops, stop_is_bp = stop_times(s_start, s_end, extra, bps)
     probe_times = -(t0 + taus) if is_dde else None
 
@@ -361,12 +375,16 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     acc0 = jnp.zeros((n_p,), dtype) if quadrature or deferred else None
     probe_shape = (taus.shape[0], size_z) if is_dde else None
 
+    # a fixed-step method sweeps back with the forward's dt0 (without it the sweep took its first
+    # step from Hairer's estimate as its constant step: Euler's overflowed the history, 1.5 off)
+    dt0 = opts.dt0 if isinstance(opts.controller, ConstantStepSize) else None
+
     def sweep(state, fwd, s_to, keep_from=None):
         rhs = make_rhs(fwd, keep_from)
         if state is None:
-            state = _forward.init_state(cfg, rhs, Z0, s_start, s_end, s_obs, rtol, atol, None, hist_b, acc0,
+            state = _forward.init_state(cfg, rhs, Z0, s_start, s_end, s_obs, rtol, atol, dt0, hist_b, acc0,
                                         probe_shape=probe_shape)
-        return _forward.run(cfg, rhs, state, s_to, s_obs, stops, stop_is_bp, rtol, atol, None,
+        return _forward.run(cfg, rhs, state, s_to, s_obs, stops, stop_is_bp, rtol, atol, dt0,
                             impulses=impulses, probe_times=probe_times)
 
     if checkpoint_times is None:
@@ -432,6 +450,15 @@ def _jump_terms(prob, p, lam_probe, fwd_probes, taus, t0, y0, f):
     return ravel_pytree(vjp(jnp.stack(brackets))[0])[0]
 
 
+def _first_held(ring, checkpoint_times, taus, t0):
+    """The first of the last segments that the forward's final history buffer still holds, with
+    (for a DDE) the max τ before each: they are swept straight from it, the earlier ones re-solved."""
+    max_tau = 0.0 if taus is None else jax.lax.stop_gradient(jnp.max(taus))
+    reach = jnp.maximum(checkpoint_times[:-1] - max_tau, t0)  # what segment i's sweep reads
+    held = (ring.count > 0) & (ring.t_start[ring.first] <= reach)  # true for segments first_held, ...
+    return checkpoint_times.shape[0] - 1 - jnp.sum(held.astype(jnp.int32))
+
+
 def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, sweep, y0, taus, shift):
     """Backward over the segments in reverse. The last segments, those whose steps (and, for a
     DDE, the last max τ before them) the forward's final history buffer still holds, are swept
@@ -440,13 +467,10 @@ def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, s
     one buffer that every segment reuses."""
     states, windows, ring = checkpoints
     is_dde = taus is not None
-    built = build(prob, p, saveat, opts, keep_all=not is_dde, extra_stops=checkpoint_times[1:-1])
+    built = build(prob, p, saveat, opts, keep_all=not is_dde)  # the forward's stops: it re-takes its steps
     cfg = opts.loop_config()
-    n_seg = checkpoint_times.shape[0] - 1
     max_tau = built.rhs.max_delay  # 0 for an ODE
-    reach = jnp.maximum(checkpoint_times[:-1] - max_tau, built.t0)  # what segment i's sweep reads
-    held = (ring.count > 0) & (ring.t_start[ring.first] <= reach)  # true for segments first_held, ...
-    first_held = n_seg - jnp.sum(held.astype(jnp.int32))
+    first_held = _first_held(ring, checkpoint_times, taus, built.t0)
 
     def resolve(i, work):
         c_i, c_next = checkpoint_times[i], checkpoint_times[i + 1]

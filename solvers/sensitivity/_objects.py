@@ -63,9 +63,11 @@ class BacksolveAdjoint(AbstractSensitivity):
 @dataclasses.dataclass(frozen=True)
 class InterpolatingAdjoint(AbstractSensitivity):
     """Continuous adjoint; the forward pass keeps ``checkpoints`` loop states (for a DDE each
-    with the dense output of the last max τ) and the backward sweep re-solves each segment.
-    Segments are (t1 - t0)/checkpoints long, each end moved to the nearest observation or
-    forward breakpoint within half a segment (times every sweep lands on anyway). A DDE's
+    with the dense output of the last max τ) and the backward sweep re-solves each segment the
+    final history buffer no longer holds. Checkpoint i is the end of the first forward step at
+    or after t0 + i(t1 - t0)/checkpoints (moved to the nearest observation or forward
+    breakpoint within half a segment): checkpoints never add a step, so the forward under
+    ``jax.grad`` takes the plain solve's steps and returns its values bit for bit. A DDE's
     checkpoints share one log of ``history_size`` steps (a step within max τ of several
     checkpoints is kept once); if it overflows, the solve says to raise history_size or use
     fewer checkpoints."""
