@@ -169,10 +169,10 @@ def unified_rhs(prob):
     return prob.rhs
 
 
-def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_stops=None, capacity=None) -> Built:
+def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, capacity=None) -> Built:
     """keep_all: record the dense output of every step (also for an ODE), never evicting.
     ring: an ODE also keeps its last steps in a history buffer (evicting freely).
-    extra_stops: more times to land on (checkpoints). capacity: history buffer size."""
+    capacity: history buffer size."""
     y0 = initial_state(prob, p)
     dtype = y0.dtype
     t0, t1 = jnp.asarray(prob.t0, dtype), jnp.asarray(prob.t1, dtype)
@@ -207,8 +207,6 @@ def build(prob, p, saveat, opts: Options, *, keep_all=False, ring=False, extra_s
     land = saveat if opts.land_on_saveat else saveat[:0]
     if bps is not None:
         land = saves_off_breakpoints(land, bps, t0, t1)
-    if extra_stops is not None:
-        land = jnp.concatenate([land, extra_stops.astype(dtype)])
     stops, stop_is_bp = stop_times(t0, t1, land, bps)
     return Built(rhs, y0, t0, t1, saveat, stops, stop_is_bp, hist0, taus, jnp.asarray(opts.rtol, dtype),
                  jnp.asarray(opts.atol, dtype))
