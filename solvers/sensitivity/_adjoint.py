@@ -364,7 +364,8 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     if checkpoint_times is not None:  # the sweep ends a segment where one is re-solved, nowhere else
         # (a checkpoint is a forward step's end: a stop there would cost the sweep a step of its own)
         k = jnp.arange(1, checkpoint_times.shape[0] - 1)
-        first_held = _first_held(residual[2], checkpoint_times, taus, t0)
+        _, _, ring = residual
+        first_held = _first_held(ring, checkpoint_times, taus, t0)
         extra = jnp.concatenate([s_obs, jnp.where(k <= first_held, -checkpoint_times[1:-1], jnp.inf)])
     stops, stop_is_bp = stop_times(s_start, s_end, extra, bps)
     probe_times = -(t0 + taus) if is_dde else None
@@ -391,7 +392,8 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         fwd = None if backsolve else _Forward(prob, t0, residual, y0, shift)
         final = sweep(None, fwd, s_end)
     else:
-        final = _interpolating_sweep(prob, p, saveat, opts, residual, checkpoint_times, sweep, y0, taus, shift)
+        final = _interpolating_sweep(prob, p, saveat, opts, residual, checkpoint_times, first_held, sweep, y0, taus,
+                                     shift)
     Z = check_status(final.y, final.status, opts)
 
     lam0 = Z[:n].reshape(shape)
@@ -459,18 +461,19 @@ def _first_held(ring, checkpoint_times, taus, t0):
     return checkpoint_times.shape[0] - 1 - jnp.sum(held.astype(jnp.int32))
 
 
-def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, sweep, y0, taus, shift):
+def _interpolating_sweep(prob, p, saveat, opts, checkpoints, checkpoint_times, first_held, sweep, y0, taus,
+                         shift):
     """Backward over the segments in reverse. The last segments, those whose steps (and, for a
     DDE, the last max τ before them) the forward's final history buffer still holds, are swept
     straight from it: all of them when the solve took at most history_size steps. Each earlier
     segment is re-solved from its checkpoint (for a DDE, from its window) to the next one, into
-    one buffer that every segment reuses."""
+    one buffer that every segment reuses. first_held: _first_held's answer, which _backward
+    also needs for the sweep's stops."""
     states, windows, ring = checkpoints
     is_dde = taus is not None
     built = build(prob, p, saveat, opts, keep_all=not is_dde)  # the forward's stops: it re-takes its steps
     cfg = opts.loop_config()
     max_tau = built.rhs.max_delay  # 0 for an ODE
-    first_held = _first_held(ring, checkpoint_times, taus, built.t0)
 
     def resolve(i, work):
         c_i, c_next = checkpoint_times[i], checkpoint_times[i + 1]
