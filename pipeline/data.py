@@ -125,7 +125,7 @@ def validate(path, job: JobConfig) -> dict:
         for name in _required(d.system):
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise DataError(f"data file {path} has no dataset {name!r} (needs {', '.join(_required(d.system))})")
-        ts, ys, x0 = f["ts"][...], f["ys"], f["x0"]
+        ts, ys = f["ts"][...], f["ys"]
         n = ys.shape[0] if ys.ndim == 3 else -1
         expect = {"ys": (n, ts.shape[0], dim), "x0": (n, dim), "history": (n, dim)}
         for name in _required(d.system)[1:]:

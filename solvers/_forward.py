@@ -276,7 +276,7 @@ def _perturbed_as_in_the_loop(state, time_sources):
 
 
 def _perturbed_as_in_the_loop_jvp(primals, tangents):
-    (state, sources), (t_state, t_sources) = primals, tangents
+    (state, _), (t_state, t_sources) = primals, tangents
     live = lambda tree: [t for t in jax.tree.leaves(tree)
                          if not isinstance(t, SymbolicZero) and jnp.issubdtype(t.dtype, jnp.inexact)]
     any_live, time_live = live((t_state, t_sources)), live((_time_leaves(t_state), t_sources))

@@ -7,11 +7,8 @@ import numpy as np
 import pytest
 
 import solvers as sv
-from helpers import pendulum
+from helpers import DDE_METHODS, ODE_METHODS, ids, pendulum
 
-ODE_METHODS = [sv.Backprop(), sv.ForwardMode(), sv.BacksolveAdjoint(), sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()]
-DDE_METHODS = [sv.Backprop(), sv.ForwardMode(), sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()]
-ids = lambda s: type(s).__name__
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 

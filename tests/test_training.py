@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.pipeline_helpers import BIN, assert_same_bits, ndde, params_of, tiny_job
+from tests.pipeline_helpers import BIN, assert_same_bits, ndde, tiny_job
 
 STEPS, EVERY = 12, 2
 
