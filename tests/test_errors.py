@@ -214,3 +214,34 @@ def test_a_failed_forward_solve_stops_a_jitted_gradient(sensitivity):
         grad(jnp.asarray(1.0))
     quiet = jax.jit(jax.grad(lambda p: sv.solve(prob, p, max_steps=4, sensitivity=sensitivity, throw=False).ys[-1, 0]))
     assert bool(jnp.isnan(quiet(jnp.asarray(1.0))))
+
+
+_SWEEPS = [(s, kind) for kind in ("ode", "dde") for s in (sv.InterpolatingAdjoint(), sv.QuadratureAdjoint())
+           ] + [(sv.BacksolveAdjoint(), "ode")]
+
+
+@pytest.mark.parametrize("vmapped", [False, True], ids=["single", "vmap"])
+@pytest.mark.parametrize("sensitivity, kind", _SWEEPS, ids=lambda v: v if isinstance(v, str) else repr(v))
+def test_a_backward_sweep_out_of_steps_stops_the_gradient(sensitivity, vmapped, kind):
+    """40 observations: the forward takes fewer than 30 steps, the backward sweep stops at each
+    observation and runs out of max_steps=30. The gradient of QuadratureAdjoint (and of every
+    adjoint under vmap) is the accumulated ∫ f_pᵀλ; with x0 independent of p nothing else read
+    the sweep's state, so its check was compiled away and the gradient came back wrong without
+    an error (-11.5 for -26.8 on the ODE, -5.9 for -32.3 on the DDE). With throw=False it is NaN."""
+    if kind == "ode":
+        prob = sv.ODEProblem(lambda t, x, p: -p * x, jnp.ones(2), 0.0, 1.0)
+    else:
+        prob = sv.DDEProblem(lambda t, x, lag, p: -p * lag[0], lambda t, p: jnp.ones(2), lambda p: jnp.array([0.3]),
+                             0.0, 1.0, x0=jnp.ones(2))
+    obs = jnp.linspace(0.025, 1.0, 40)
+
+    def grad(throw):
+        L = lambda w: jnp.sum(sv.solve(prob, w, saveat=obs, rtol=1e-10, atol=1e-12, max_steps=30,
+                                       land_on_saveat=False, sensitivity=sensitivity, throw=throw).ys ** 2)
+        g = jax.grad(L)
+        return jax.jit(jax.vmap(g))(jnp.array([0.9, 0.8])) if vmapped else jax.jit(g)(0.9)
+
+    assert int(sv.solve(prob, 0.9, saveat=obs, rtol=1e-10, atol=1e-12, land_on_saveat=False).stats["steps"]) < 30
+    with pytest.raises(Exception, match="step budget exhausted: max_steps=30"):
+        jax.block_until_ready(grad(True))
+    assert bool(jnp.all(jnp.isnan(grad(False))))
