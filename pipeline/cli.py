@@ -63,8 +63,10 @@ def _gradcheck(args):
 
     comparison = gradcheck(config.load(args.job, args.set), sample=args.sample)
     print(comparison.table())
-    print(f"worst relative difference between methods: {comparison.worst():.2e}")
-    return 0
+    failed = tuple(comparison.errors)
+    print(f"worst relative difference between methods{' that ran' if failed else ''}: "
+          f"{comparison.worst(exclude=failed):.2e}")
+    return 1 if failed else 0
 
 
 def _submit(args):

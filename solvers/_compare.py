@@ -3,7 +3,9 @@ one problem, side by side — the check the user in shared/seed/ was missing."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import statistics
 import time
 
@@ -21,13 +23,21 @@ from .sensitivity import BacksolveAdjoint, Backprop, ForwardMode, InterpolatingA
 @dataclasses.dataclass(frozen=True)
 class Comparison:
     """gradients: name -> flat gradient; seconds: name -> median time of a jitted
-    value_and_grad (None for finite differences); difference[a][b]: max |g_a - g_b| / max |g_b|."""
+    value_and_grad (None for finite differences); difference[a][b]: max |g_a - g_b| / max |g_b|;
+    errors: name -> the error of each method that failed (it has no gradient)."""
 
     gradients: dict
     seconds: dict
     difference: dict
+    errors: dict = dataclasses.field(default_factory=dict)
 
     def worst(self, exclude=()) -> float:
+        """The largest relative difference between any two methods not in ``exclude``. A method
+        that failed is an error here unless excluded: a comparison without it is not the one asked for."""
+        failed = [n for n in self.errors if n not in exclude]
+        if failed:
+            raise ValueError(f"ndde: {', '.join(failed)} failed ({self.errors[failed[0]]}); pass "
+                             f"exclude={tuple(failed)!r} to compare the others")
         names = [n for n in self.gradients if n not in exclude]
         return max(self.difference[a][b] for a in names for b in names if a != b)
 
@@ -44,6 +54,7 @@ class Comparison:
             row = label.ljust(width) + (f"{sec:10.4f}" if sec is not None else "         -")
             row += "".join(("-" if a == b else f"{self.difference[a][b]:.1e}").rjust(9) for b in names)
             lines.append(row)
+        lines += [f"{name}: failed: {message}" for name, message in self.errors.items()]
         return "\n".join(lines)
 
 
@@ -63,6 +74,9 @@ def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1
 
     methods: dict name -> sensitivity (default: every method that supports the problem).
     solve_kwargs go to ``solve`` (default tolerances here: rtol=1e-10, atol=1e-12).
+    A method that fails (an adjoint's backward sweep out of max_steps, say) is listed under the
+    table with its error and kept in ``Comparison.errors``, and the others are compared; when
+    every method fails, the first one's error is raised.
     """
     if not jax.config.jax_enable_x64:
         raise ValueError("compare_sensitivities needs float64: call "
@@ -81,9 +95,15 @@ def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1
         return loss(sol.ys)
 
     gradients, seconds = {}, {}
+    errors = {}
     for name, sens in methods.items():
         fn = jax.jit(jax.value_and_grad(lambda f, s=sens: objective(f, s)))
-        _, g = jax.block_until_ready(fn(p_flat))
+        try:
+            with _quiet_callbacks():
+                _, g = jax.block_until_ready(fn(p_flat))
+        except Exception as err:  # noqa: BLE001 (reported in the table; re-raised below if all fail)
+            errors[name] = err
+            continue
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
@@ -91,6 +111,9 @@ def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1
             times.append(time.perf_counter() - t)
         gradients[name], seconds[name] = np.asarray(g), statistics.median(times)
 
+    if errors and not gradients:
+        raise next(iter(errors.values()))
+    errors = {name: _first_line(err) for name, err in errors.items()}
     value = jax.jit(lambda f: objective(f, Backprop()))
     fd = np.zeros(p_flat.shape[0])
     for i in range(p_flat.shape[0]):
@@ -101,7 +124,31 @@ def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1
 
     difference = {a: {b: float(np.max(np.abs(ga - gb)) / max(np.max(np.abs(gb)), 1e-300))
                       for b, gb in gradients.items()} for a, ga in gradients.items()}
-    result = Comparison(gradients, seconds, difference)
+    result = Comparison(gradients, seconds, difference, errors)
     if verbose:
         print(result.table())
     return result
+
+
+def _first_line(err) -> str:
+    """The line of an error that says what went wrong: ndde's own message when the error carries
+    one (inside jax.jit it comes wrapped in JAX's runtime error, after a traceback of the host
+    callback), else the first line of the message."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "ndde: " in line:
+            return line[line.index("ndde: "):]
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+@contextlib.contextmanager
+def _quiet_callbacks():
+    """JAX logs the traceback of a failing host callback (ndde's error checks inside jit) before
+    raising; here the error is caught and reported in the table, so the traceback is not shown."""
+    log = logging.getLogger("jax._src.callback")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)

@@ -351,6 +351,36 @@ def test_compare_sensitivities_leaves_settings_alone():
     assert result.worst() < 1e-8
 
 
+def test_compare_sensitivities_reports_a_method_that_fails_and_compares_the_others():
+    """40 observations on [0, 1] where the forward needs a handful of steps (land_on_saveat=False):
+    max_steps=30 is enough for the forward but not for an adjoint's backward sweep, which stops at
+    every observation. The comparison used to stop at the first failing method; now the adjoints'
+    error is in the table and in ``errors``, the others are compared, and ``worst`` refuses to
+    answer without being told to leave the failed methods out."""
+    prob = sv.ODEProblem(lambda t, x, p: -p["w"] * x, jnp.ones(2), 0.0, 1.0)
+    obs = jnp.linspace(0.025, 1.0, 40)
+    result = sv.compare_sensitivities(prob, {"w": 0.9}, lambda ys: jnp.sum(ys**2), saveat=obs, repeats=1,
+                                      verbose=False, max_steps=30, land_on_saveat=False)
+    adjoints = ("InterpolatingAdjoint", "QuadratureAdjoint", "BacksolveAdjoint")
+    assert set(result.errors) == set(adjoints)
+    assert all("step budget exhausted" in message for message in result.errors.values()), result.errors
+    assert set(result.gradients) == {"Backprop", "ForwardMode", "finite differences"}
+    exact = -2 * sum(2 * s * np.exp(-2 * 0.9 * s) for s in np.asarray(obs))  # d/dw of 2 Σ e^{-2 w s}
+    for name, g in result.gradients.items():
+        assert abs(float(g[0]) - exact) < 1e-6 * abs(exact), name
+    table = result.table()
+    assert all(f"{name}: failed: " in table for name in adjoints), table
+    with pytest.raises(ValueError, match="InterpolatingAdjoint, QuadratureAdjoint, BacksolveAdjoint failed"):
+        result.worst()
+    assert result.worst(exclude=adjoints) < 1e-6
+
+
+def test_compare_sensitivities_raises_when_every_method_fails():
+    prob = sv.ODEProblem(lambda t, x, p: -p["w"] * x, jnp.ones(2), 0.0, 1.0)
+    with pytest.raises(Exception, match="step budget exhausted"):
+        sv.compare_sensitivities(prob, {"w": 0.9}, lambda ys: jnp.sum(ys**2), saveat=jnp.array([1.0]), repeats=1,
+                                 verbose=False, max_steps=1)
+
 def test_sensitivity_arguments_are_checked():
     with pytest.raises(ValueError, match="checkpoints must be a positive int, got 0"):
         sv.InterpolatingAdjoint(checkpoints=0)
