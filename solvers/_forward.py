@@ -228,7 +228,9 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         rejected = st.rejected + (~accept).astype(jnp.int32)
         tiny = 4 * jnp.finfo(dtype).eps * jnp.maximum(jnp.abs(t), jnp.abs(t1))
         status = jnp.where(accepted + rejected >= cfg.max_steps, MAX_STEPS, OK)
-        status = jnp.where(~accept & (h_new <= tiny), jnp.where(finite, UNDERFLOW, NONFINITE), status)
+        # ~(h_new > tiny), not h_new <= tiny: a NaN step (Hairer's starting step from a NaN first stage,
+        # an adjoint sweep's from a NaN derivative) is no number either, and used to run to max_steps
+        status = jnp.where(~accept & ~(h_new > tiny), jnp.where(finite, UNDERFLOW, NONFINITE), status)
         if not tab.adaptive:
             status = jnp.where(finite, status, NONFINITE)
         status = jnp.where(hist_ok, status, HISTORY_FULL)

@@ -41,7 +41,9 @@ def _error_messages(max_steps: int, history_size: int) -> list[str]:
                        "floating-point resolution of t. The problem is probably stiff (or the solution "
                        "has a singularity); an explicit method cannot integrate it at this tolerance.")
     msgs[NONFINITE] = ("ndde: NaN or inf in the state: the right-hand side returned a non-finite value "
-                       "or the solution blew up. Check rhs, p and x0 (and dt0 for fixed steps).")
+                       "or the solution blew up. Check rhs, p and x0 (and dt0 for fixed steps). In an "
+                       "adjoint's backward sweep the state is the adjoint: there the rhs's derivative was "
+                       "non-finite (e.g. jnp.sqrt or jnp.log at 0, or a NaN in an unused jnp.where branch).")
     msgs[HISTORY_FULL] = (f"ndde: history buffer full: history_size={history_size} stored steps do not "
                           "cover what must be kept (the largest delay, or an adjoint's segment). Raise "
                           "history_size (solve(..., history_size=...)) or the adjoint's checkpoints.")
@@ -55,6 +57,31 @@ def _error_messages(max_steps: int, history_size: int) -> list[str]:
 def check_status(x, status, opts: Options):
     return eqx.branched_error_if(x, status != OK, status, _error_messages(opts.max_steps, opts.history_size),
                                  on_error=opts.on_error)
+
+
+NONFINITE_GRADIENT = ("ndde: the gradient came out NaN or inf although the solve succeeded: a derivative on "
+                      "the way is non-finite, of the rhs (e.g. jnp.sqrt or jnp.log at 0, jnp.linalg.norm of a zero "
+                      "vector, or a NaN in an unused jnp.where branch) or of the loss with respect to ys. "
+                      "jax.config.update('jax_debug_nans', True) finds the operation; throw=False returns the NaN "
+                      "gradient instead of raising.")
+
+
+def check_finite_gradient(grad, on_error):
+    """grad (a pytree), with an error when any entry is NaN or inf (NONFINITE_GRADIENT)."""
+    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(grad)]
+    if not leaves:
+        return grad
+    return eqx.error_if(grad, ~jnp.all(jnp.stack(leaves)), NONFINITE_GRADIENT, on_error=on_error)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def finite_cotangent(tree, on_error):
+    """The identity; its cotangent (Backprop's gradient of what it wraps) is checked finite."""
+    return tree
+
+
+finite_cotangent.defvjp(lambda tree, on_error: (tree, None),
+                        lambda on_error, _, ct: (check_finite_gradient(ct, on_error),))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -126,6 +153,8 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
     """(ys, stats) of the forward loop that reverse mode differentiates step by step (Backprop).
     With opts.grad_differentiated the reverse pass will itself be differentiated in forward mode
     (see _forward.SAVE_WINDOW)."""
+    floats, others = eqx.partition((prob, p), eqx.is_inexact_array)
+    prob, p = eqx.combine(finite_cotangent(floats, opts.on_error), others)  # a NaN gradient is an error
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints,
                              save_window=opts.grad_differentiated)
     ys = check_status(final.ys, final.status, opts)

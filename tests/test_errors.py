@@ -245,3 +245,27 @@ def test_a_backward_sweep_out_of_steps_stops_the_gradient(sensitivity, vmapped, 
     with pytest.raises(Exception, match="step budget exhausted: max_steps=30"):
         jax.block_until_ready(grad(True))
     assert bool(jnp.all(jnp.isnan(grad(False))))
+
+
+_NAN_DERIVATIVES = {  # value finite, derivative NaN: d/du sqrt(u) at 0 is inf, times 0
+    "f_x": lambda t, x, p: -p * x + 0.0 * jnp.sqrt(x - x),
+    "f_p only": lambda t, x, p: -(1.0 + jnp.sqrt(p)) * x,  # at p = 0
+}
+
+
+@pytest.mark.parametrize("where", list(_NAN_DERIVATIVES))
+@pytest.mark.parametrize("sensitivity", [sv.Backprop(), sv.ForwardMode(), sv.BacksolveAdjoint(),
+                                         sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()], ids=repr)
+def test_a_non_finite_derivative_of_the_rhs_is_an_error_not_a_nan_gradient(sensitivity, where):
+    """Backprop and ForwardMode returned a NaN gradient without a word, QuadratureAdjoint too when
+    only f_p was NaN; the other adjoints ran their sweep to max_steps (a NaN starting step) and
+    said 'step budget exhausted'. Every method now raises an error that names the derivative;
+    throw=False still returns the NaN gradient."""
+    prob = sv.ODEProblem(_NAN_DERIVATIVES[where], jnp.ones(2), 0.0, 1.0)
+    grad = lambda throw: jax.jit(jax.grad(lambda w: jnp.sum(sv.solve(prob, w, saveat=jnp.array([0.5, 1.0]),
+                                                                     sensitivity=sensitivity, throw=throw).ys)))
+    w = 0.9 if where == "f_x" else 0.0
+    assert bool(jnp.all(jnp.isfinite(sv.solve(prob, w).ys)))
+    with pytest.raises(Exception, match=r"ndde: (the gradient came out NaN or inf|NaN or inf in the state)"):
+        jax.block_until_ready(grad(True)(w))
+    assert bool(jnp.isnan(grad(False)(w)))

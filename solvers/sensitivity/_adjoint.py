@@ -140,7 +140,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
 
 
 def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, checkpoint_times):
-    from .._solve import check_status
+    from .._solve import check_finite_gradient, check_status
 
     y0 = initial_state(prob, p)
     dtype, shape, n = y0.dtype, y0.shape, y0.size
@@ -325,7 +325,8 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     # the sweep's status is checked on the gradient itself: a check on Z was compiled away when
     # nothing read Z (QuadratureAdjoint's and the vmapped sweeps' ∫ f_pᵀλ with x0 independent
     # of p), and a sweep out of steps returned a wrong gradient without an error
-    return unravel(check_status(grad, final.status, opts))
+    # and checked finite: ∫ f_pᵀλ outside the sweep's state (above) is NaN where only f_p is (jnp.sqrt(p) at 0)
+    return unravel(check_finite_gradient(check_status(grad, final.status, opts), opts.on_error))
 
 
 def _discrete_reverse(prob, p, saveat, opts):
