@@ -118,6 +118,21 @@ def check_output(out, y0, what):
                         f"{y0.dtype} (e.g. out.astype(x.dtype)) or give the initial state as {out.dtype}")
 
 
+def fail_if(x, pred, msgs, on_error, index=None):
+    """equinox's error_if (branched_error_if with an index into msgs), except with on_error="nan"
+    (throw=False): there only the failing trajectories of a vmapped batch become NaN. equinox's
+    own "nan" reduces pred over the batch (unvmap_any), so one failed trajectory made every
+    trajectory's ys and gradient NaN."""
+    if on_error == "nan":
+        bad = jnp.any(pred)
+        nan_where_bad = lambda a: (jnp.where(bad, jnp.asarray(jnp.nan, a.dtype), a)
+                                   if jnp.issubdtype(a.dtype, jnp.inexact) else a)
+        return jax.tree_util.tree_map(nan_where_bad, x)
+    if index is None:
+        return eqx.error_if(x, pred, msgs, on_error=on_error)
+    return eqx.branched_error_if(x, pred, index, msgs, on_error=on_error)
+
+
 def delays_of(prob: DDEProblem, p, dtype, on_error="default"):
     """The delays as a 1-D array of ``dtype``, checked > 0 (on_error="off" where the same
     delays were checked already)."""
@@ -129,9 +144,8 @@ def delays_of(prob: DDEProblem, p, dtype, on_error="default"):
         values = np.asarray(taus)
         if not np.all(np.isfinite(values) & (values > 0)):
             raise ValueError(f"delays must be finite and > 0, got {values.tolist()}")
-    return eqx.error_if(taus, ~jnp.all(jnp.isfinite(taus) & (taus > 0)),
-                        "ndde: non-positive or non-finite delay: delays(p) must return values > 0.",
-                        on_error=on_error)
+    return fail_if(taus, ~jnp.all(jnp.isfinite(taus) & (taus > 0)),
+                   "ndde: non-positive or non-finite delay: delays(p) must return values > 0.", on_error)
 
 
 def solve_delays(prob: DDEProblem, p, dtype, opts: Options, on_error="default"):

@@ -18,7 +18,7 @@ from ._controller import ConstantStepSize, PIController
 from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW, WINDOWS_FULL
 from ._precision import check_precision, with_precision
 from ._problem import DDEProblem, ODEProblem, floats_as_arrays, split_settings
-from ._setup import AD_TRACERS, Options, build, delays_of, differentiation, initial_state, is_concrete
+from ._setup import AD_TRACERS, Options, build, delays_of, differentiation, fail_if, initial_state, is_concrete
 from ._tableau import ExplicitRK, Tsit5
 from .sensitivity import AbstractSensitivity, Backprop, ForwardMode, QuadratureAdjoint, default_sensitivity
 
@@ -55,8 +55,7 @@ def _error_messages(max_steps: int, history_size: int) -> list[str]:
 
 
 def check_status(x, status, opts: Options):
-    return eqx.branched_error_if(x, status != OK, status, _error_messages(opts.max_steps, opts.history_size),
-                                 on_error=opts.on_error)
+    return fail_if(x, status != OK, _error_messages(opts.max_steps, opts.history_size), opts.on_error, status)
 
 
 NONFINITE_GRADIENT = ("ndde: the gradient came out NaN or inf although the solve succeeded: a derivative on "
@@ -71,7 +70,7 @@ def check_finite_gradient(grad, on_error):
     leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(grad)]
     if not leaves:
         return grad
-    return eqx.error_if(grad, ~jnp.all(jnp.stack(leaves)), NONFINITE_GRADIENT, on_error=on_error)
+    return fail_if(grad, ~jnp.all(jnp.stack(leaves)), NONFINITE_GRADIENT, on_error)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -106,12 +105,11 @@ def _checks_fwd(ys, y_final, status, overflowed, msgs, on_error):
 
 def _checks_bwd(msgs, on_error, res, ct):
     status, overflowed, zero = res
-    ct = eqx.branched_error_if(ct, status != OK, status, list(msgs), on_error=on_error)
-    ct = eqx.error_if(ct, overflowed, "ndde: Backprop cannot differentiate this solve: a rejected step attempt "
-                      "overflowed (a stage of inf or NaN), and reverse mode through it makes every gradient "
-                      "NaN. Start with a smaller step (solve(..., dt0=...)) or use InterpolatingAdjoint(), "
-                      "QuadratureAdjoint() or ForwardMode(), which do not differentiate rejected attempts.",
-                      on_error=on_error)
+    ct = fail_if(ct, status != OK, list(msgs), on_error, status)
+    ct = fail_if(ct, overflowed, "ndde: Backprop cannot differentiate this solve: a rejected step attempt "
+                 "overflowed (a stage of inf or NaN), and reverse mode through it makes every gradient "
+                 "NaN. Start with a smaller step (solve(..., dt0=...)) or use InterpolatingAdjoint(), "
+                 "QuadratureAdjoint() or ForwardMode(), which do not differentiate rejected attempts.", on_error)
     ct_final = jnp.where(status != OK, jnp.nan, zero) if on_error == "nan" else zero
     return ct, ct_final, None, None
 
@@ -196,7 +194,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     throw: a failure inside the solve or its gradient (step budget exhausted, step size
     underflow, NaN in the state, history buffer full, a non-positive delay, bad saveat) raises
     an error that says what to change (the default), also from a jitted gradient that never
-    reads ys. With ``throw=False`` it makes ys and the gradient NaN instead, and the compiled
+    reads ys. With ``throw=False`` it makes ys and the gradient NaN instead (under jax.vmap, only
+    the failing trajectories'), and the compiled
     program holds no host callback, so JAX's persistent compilation cache can store it; the
     training pipeline runs its steps this way and re-runs a failed step with ``throw=True`` to
     report the message.

@@ -269,3 +269,24 @@ def test_a_non_finite_derivative_of_the_rhs_is_an_error_not_a_nan_gradient(sensi
     with pytest.raises(Exception, match=r"ndde: (the gradient came out NaN or inf|NaN or inf in the state)"):
         jax.block_until_ready(grad(True)(w))
     assert bool(jnp.isnan(grad(False)(w)))
+
+
+@pytest.mark.parametrize("sensitivity", [sv.Backprop(), sv.ForwardMode(), sv.BacksolveAdjoint(),
+                                         sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()], ids=repr)
+def test_throw_false_under_vmap_makes_only_the_failing_trajectories_nan(sensitivity):
+    """Four trajectories: w = 0.5 has a NaN derivative (sqrt at 0), w = 200 needs 94 steps and
+    gets 20; both come out NaN, the other two keep their exact gradient (to 1e-6 at rtol 1e-6).
+    equinox's own on_error="nan" reduces the failure over the batch, and every trajectory came
+    out NaN."""
+    rhs = lambda t, x, p: -p * x + 0.0 * jnp.sqrt(jnp.abs(p - 0.5) * x)
+    prob = sv.ODEProblem(rhs, jnp.ones(2), 0.0, 1.0)
+    L = lambda w: jnp.sum(sv.solve(prob, w, saveat=jnp.array([0.5, 1.0]), sensitivity=sensitivity, max_steps=20,
+                                   throw=False).ys)
+    ws = jnp.array([0.9, 0.5, 0.7, 200.0])
+    batched = jax.jit(jax.vmap(jax.grad(L)))(ws)
+    assert bool(jnp.isnan(batched[1])) and bool(jnp.isnan(batched[3]))
+    for i in (0, 2):  # L = 2 Σ_t exp(-w t)
+        exact = -2 * sum(t * np.exp(-float(ws[i]) * t) for t in (0.5, 1.0))
+        np.testing.assert_allclose(batched[i], exact, rtol=1e-6)
+    values = jax.jit(jax.vmap(L))(ws)
+    assert bool(jnp.isnan(values[3])) and bool(jnp.all(jnp.isfinite(values[:3])))
