@@ -65,12 +65,19 @@ NONFINITE_GRADIENT = ("ndde: the gradient came out NaN or inf although the solve
                       "gradient instead of raising.")
 
 
-def check_finite_gradient(grad, on_error):
-    """grad (a pytree), with an error when any entry is NaN or inf (NONFINITE_GRADIENT)."""
-    leaves = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(grad)]
-    if not leaves:
-        return grad
-    return fail_if(grad, ~jnp.all(jnp.stack(leaves)), NONFINITE_GRADIENT, on_error)
+def _all_finite(tree):
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)] + [True]))
+
+
+def check_gradient(grad, status, opts: Options):
+    """grad (a pytree) with one check: the error of status (of the solve or of a backward sweep)
+    when it is not OK, else NONFINITE_GRADIENT when an entry is NaN or inf. A check on ys alone
+    is compiled away when only the gradient is used, and the gradient may not read the sweep's
+    own state (QuadratureAdjoint's ∫ f_pᵀλ with x0 independent of p): so it sits here."""
+    msgs = _error_messages(opts.max_steps, opts.history_size)
+    failed = status != OK
+    return fail_if(grad, failed | ~_all_finite(grad), msgs + [NONFINITE_GRADIENT], opts.on_error,
+                   jnp.where(failed, status, len(msgs)))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
@@ -80,7 +87,7 @@ def finite_cotangent(tree, on_error):
 
 
 finite_cotangent.defvjp(lambda tree, on_error: (tree, None),
-                        lambda on_error, _, ct: (check_finite_gradient(ct, on_error),))
+                        lambda on_error, _, ct: (fail_if(ct, ~_all_finite(ct), NONFINITE_GRADIENT, on_error),))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

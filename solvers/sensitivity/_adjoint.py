@@ -106,10 +106,8 @@ def adjoint_solve(prob, p, saveat, opts, sens):
 
     def sweep(p, saveat, diff, const, ct_ys, sweep_residual):
         residual, fwd_probes, checkpoint_times, status = sweep_residual
-        grad = _backward(*backward_problem(p, diff, const), saveat, ct_ys, residual, fwd_probes, opts, sens,
-                         is_dde, checkpoint_times)
-        return check_status(grad, status, opts)  # the check on ys is compiled away when only the
-        # gradient is used: repeat it here
+        return _backward(*backward_problem(p, diff, const), saveat, ct_ys, residual, fwd_probes, opts, sens,
+                         is_dde, checkpoint_times, status)
 
     if is_dde:  # see _discrete_reverse: a DDE sweep differentiated where the forward rule did not
         # see it coming (a jax.jvp or jax.hessian applied to a jitted gradient) is replaced by
@@ -139,8 +137,8 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     return solve_adj(p, saveat, arrays)
 
 
-def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, checkpoint_times):
-    from .._solve import check_finite_gradient, check_status
+def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, checkpoint_times, fwd_status):
+    from .._solve import check_gradient
 
     y0 = initial_state(prob, p)
     dtype, shape, n = y0.dtype, y0.shape, y0.size
@@ -322,11 +320,8 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     grad = grad + ravel_pytree(jax.vjp(lambda q: initial_state(prob, q), p)[1](lam0)[0])[0]
     if is_dde:
         grad = grad + _jump_terms(prob, p, final.probes[:, :n], fwd_probes, taus, t0, y0, f)
-    # the sweep's status is checked on the gradient itself: a check on Z was compiled away when
-    # nothing read Z (QuadratureAdjoint's and the vmapped sweeps' ∫ f_pᵀλ with x0 independent
-    # of p), and a sweep out of steps returned a wrong gradient without an error
-    # and checked finite: ∫ f_pᵀλ outside the sweep's state (above) is NaN where only f_p is (jnp.sqrt(p) at 0)
-    return unravel(check_finite_gradient(check_status(grad, final.status, opts), opts.on_error))
+    status = jnp.where(fwd_status != _forward.OK, fwd_status, final.status)  # the forward's failure first
+    return unravel(check_gradient(grad, status, opts))
 
 
 def _discrete_reverse(prob, p, saveat, opts):

@@ -16,7 +16,7 @@ from . import _closure
 
 
 def forward_mode_solve(prob, p, saveat, opts):
-    from .._solve import check_finite_gradient, check_status, forward_solve, stats_of
+    from .._solve import check_gradient, check_status, forward_solve, stats_of
 
     arrays, static = _closure.split(prob, p)  # the problem's own arrays travel as explicit inputs
 
@@ -42,8 +42,7 @@ def forward_mode_solve(prob, p, saveat, opts):
         jac, status, saveat, const, (ys, p, diff) = res
         ct_ys = _closure.instantiate(ct[0])
         grad = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim, precision=HIGHEST), jac)
-        # the check on ys is compiled away when only the gradient is used: repeat it on the gradient
-        grad_p, grad_diff = check_finite_gradient(check_status(grad, status, opts), opts.on_error)
+        grad_p, grad_diff = check_gradient(grad, status, opts)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
         return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
 
