@@ -262,6 +262,15 @@ def load(path, overrides=()) -> JobConfig:
     return loads_dict(raw, path.stem, overrides)
 
 
+def run_job_file(run_dir) -> pathlib.Path:
+    """RUN_DIR/job.toml, which ``ndde train`` and ``ndde submit`` write; its absence means run_dir
+    is not a run directory."""
+    path = pathlib.Path(run_dir) / "job.toml"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
+    return path
+
+
 def loads_dict(raw: dict, default_name: str, overrides=()) -> JobConfig:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:

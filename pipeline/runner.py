@@ -90,10 +90,7 @@ def start(job, run_dir=None, *, backend=None, workers=None, scheduler=None, step
 
 
 def load_run_job(run_dir) -> config_mod.JobConfig:
-    path = pathlib.Path(run_dir) / "job.toml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a run directory: {path} is missing")
-    return config_mod.load(path)
+    return config_mod.load(config_mod.run_job_file(run_dir))
 
 
 def resume(run_dir, *, steps=None, backend=None, workers=None, scheduler=None, progress=True,

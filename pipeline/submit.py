@@ -158,11 +158,14 @@ def sweep(job_path, grid, sweep_dir, base_overrides=(), flags=None, dry_run=Fals
 
 
 def status(run_dir) -> str:
-    run_dir = pathlib.Path(run_dir)
+    run_dir = config_mod.run_job_file(run_dir).parent
     lines = [f"run {run_dir}"]
     id_file = run_dir / "slurm_job_id"
     if id_file.exists():
         job_id = id_file.read_text().strip()
+        if shutil.which("scontrol") is None:
+            raise SubmitError(f"{run_dir} was submitted as Slurm job {job_id}, but scontrol is not found here: "
+                              "run `ndde status` where Slurm's commands are (a login node)")
         result = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
         fields = dict(tok.split("=", 1) for tok in result.stdout.split() if "=" in tok)
         state = fields.get("JobState", "unknown (no longer known to slurmctld)")

@@ -121,3 +121,17 @@ def test_dry_run_prints_and_submits_nothing(tmp_path):
     assert (tmp_path / "r" / "job.sbatch").read_text() in out + "\n"
     assert not (tmp_path / "r" / "slurm_job_id").exists()
     assert "workers = 2" in (tmp_path / "r" / "job.toml").read_text()
+
+
+def test_status_names_what_is_missing(tmp_path):
+    """A directory that is no run directory is an error (it used to print 'not submitted');
+    a submitted run where scontrol is not installed says so instead of a bare ENOENT."""
+    from tests.pipeline_helpers import BIN, ndde
+
+    missing = ndde("status", tmp_path / "nope", check=False)
+    assert missing.returncode == 2 and f"{tmp_path / 'nope'} is not a run directory" in missing.stderr
+    ndde("submit", ROOT / "jobs" / "delayed_gradient.toml", "--run-dir", tmp_path / "r", "--dry-run", "--backend", "mpi")
+    assert "not submitted to Slurm" in ndde("status", tmp_path / "r").stdout
+    (tmp_path / "r" / "slurm_job_id").write_text("4242\n")
+    no_slurm = ndde("status", tmp_path / "r", check=False, env={"PATH": str(BIN)})
+    assert no_slurm.returncode == 2 and "Slurm job 4242, but scontrol is not found" in no_slurm.stderr
