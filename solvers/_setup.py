@@ -97,6 +97,11 @@ def initial_state(prob, p):
     if jnp.issubdtype(y0.dtype, jnp.complexfloating):
         raise TypeError(f"the initial state is {y0.dtype}: ndde integrates real states (its error norm and step "
                         "control are real); stack the real and imaginary parts into one real state instead")
+    if y0.dtype in (jnp.float16, jnp.bfloat16):
+        raise TypeError(f"the initial state is {y0.dtype}: ndde's error control needs float32 or float64 (half "
+                        "precision keeps 3 significant digits and its squared error norm overflows at 65504, so "
+                        "the step control breaks down); give x0 as float32 and cast inside rhs for half-precision "
+                        "arithmetic")
     dtype = y0.dtype if jnp.issubdtype(y0.dtype, jnp.floating) else jnp.result_type(float)
     return y0.astype(dtype)
 

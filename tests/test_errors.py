@@ -77,6 +77,9 @@ def test_complex_and_promoting_dtypes_are_refused_not_cast():
     output (float32 into a float64 solve) is promoted as before."""
     with pytest.raises(TypeError, match="initial state is complex128: ndde integrates real states"):
         sv.solve(sv.ODEProblem(lambda t, x, p: -x, jnp.array([1.0 + 1.0j]), 0.0, 1.0), None)
+    for half in (jnp.float16, jnp.bfloat16):  # float16 said "NaN or inf in the state" (the error norm overflowed)
+        with pytest.raises(TypeError, match=f"initial state is {jnp.dtype(half)}: ndde's error control needs float32"):
+            sv.solve(sv.ODEProblem(lambda t, x, p: -x, jnp.ones(1, half), 0.0, 1.0), None)
     with pytest.raises(TypeError, match=r"rhs\(t, x, p\) returned dtype complex128: ndde integrates real states"):
         sv.solve(_ode(lambda t, x, p: -x * (1 + 0j)), None)
     f32 = sv.ODEProblem(lambda t, x, p: -x.astype(jnp.float64), jnp.array([1.0], jnp.float32), 0.0, 1.0)
