@@ -51,6 +51,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
 
     is_dde = isinstance(prob, DDEProblem)
     arrays, static = _closure.split(prob, p)  # the problem's own arrays travel as explicit inputs
+    dtypes = _closure.dtypes_of((p, saveat, arrays))
     interpolating = isinstance(sens, InterpolatingAdjoint)
 
     def forward(prob, p, saveat):
@@ -131,7 +132,8 @@ def adjoint_solve(prob, p, saveat, opts, sens):
             grad = sweep(p, saveat, diff, const, ct_ys, sweep_residual)
         grad_p, grad_diff = grad if _closure.has_diff(diff) else (grad, diff)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
-        return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
+        return _closure.cast_like((grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))),
+                                  dtypes)
 
     solve_adj.defvjp(fwd, bwd, symbolic_zeros=True)
     return solve_adj(p, saveat, arrays)

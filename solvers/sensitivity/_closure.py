@@ -121,6 +121,18 @@ def instantiate(ct):
     return jnp.zeros(ct.shape, ct.dtype) if isinstance(ct, SymbolicZero) else ct
 
 
+def dtypes_of(tree):
+    return jax.tree_util.tree_map(jnp.result_type, tree)
+
+
+def cast_like(cotangent, dtypes):
+    """``cotangent`` in the floating dtypes of ``dtypes`` (dtypes_of the primal arguments): the
+    backward passes compute in the state's dtype (ravel_pytree promotes too), and jax.grad of a
+    float32 leaf must be float32. None and float0 (integer) cotangents are left alone."""
+    cast = lambda c, d: c.astype(d) if c is not None and jnp.issubdtype(d, jnp.inexact) else c
+    return jax.tree_util.tree_map(cast, cotangent, dtypes, is_leaf=lambda c: c is None)
+
+
 def has_diff(diff) -> bool:
     return bool(jax.tree_util.tree_leaves(diff))
 

@@ -19,6 +19,7 @@ def forward_mode_solve(prob, p, saveat, opts):
     from .._solve import check_gradient, check_status, forward_solve, stats_of
 
     arrays, static = _closure.split(prob, p)  # the problem's own arrays travel as explicit inputs
+    dtypes = _closure.dtypes_of((p, saveat, arrays))
 
     def outputs(prob, p, saveat):
         final, _ = forward_solve(prob, p, saveat, opts)
@@ -44,7 +45,8 @@ def forward_mode_solve(prob, p, saveat, opts):
         grad = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim, precision=HIGHEST), jac)
         grad_p, grad_diff = check_gradient(grad, status, opts)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
-        return grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))
+        return _closure.cast_like((grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))),
+                                  dtypes)
 
     solve_fm.defvjp(fwd, bwd, symbolic_zeros=True)
     return solve_fm(p, saveat, arrays)
