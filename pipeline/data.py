@@ -74,18 +74,21 @@ def _problem(system, t1):
 
 
 def generate(job: JobConfig, path=None) -> pathlib.Path:
-    """Solve the job's data system for n_train + n_test initial conditions and write the file."""
-    jax.config.update("jax_enable_x64", True)
+    """Solve the job's data system for n_train + n_test initial conditions and write the file.
+    The solve runs in float64 without switching the process to it (a float32 job trained in the
+    same process built float64 weights and failed)."""
     d = job.data
     path = pathlib.Path(path or job.data_path)
     n = d.n_train + d.n_test
     rng = np.random.default_rng(d.seed)
     x0, hist = _initial_conditions(d.system, n, rng)
     ts = np.linspace(0.0, d.t1, d.n_times)
-    prob = _problem(d.system, d.t1)
-    p = {"x0": jnp.asarray(x0)} | ({"history": jnp.asarray(hist)} if hist is not None else {})
-    one = lambda p: sv.solve(prob, p, saveat=jnp.asarray(ts), rtol=GEN_RTOL, atol=GEN_ATOL, max_steps=100_000).ys
-    ys = np.asarray(jax.jit(jax.vmap(one))(p))
+    with jax.enable_x64(True):
+        prob = _problem(d.system, d.t1)
+        p = {"x0": jnp.asarray(x0)} | ({"history": jnp.asarray(hist)} if hist is not None else {})
+        one = lambda p: sv.solve(prob, p, saveat=jnp.asarray(ts), rtol=GEN_RTOL, atol=GEN_ATOL,
+                                 max_steps=100_000).ys
+        ys = np.asarray(jax.jit(jax.vmap(one))(p))
     if d.noise > 0:
         ys = ys + d.noise * rng.standard_normal(ys.shape)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ STATE_DIM = {"hnn": 2, "ndde": 1, "delayed_gradient": 2}
 def mlp_init(key, sizes, dtype):
     layers = []
     for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
-        layers.append({"w": jax.random.normal(k, (n_in, n_out), dtype) / np.sqrt(n_in),
+        layers.append({"w": (jax.random.normal(k, (n_in, n_out), dtype) / np.sqrt(n_in)).astype(dtype),
                        "b": jnp.zeros((n_out,), dtype)})
     return layers
 

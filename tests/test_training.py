@@ -114,6 +114,27 @@ def test_truncated_newest_checkpoint_is_skipped(shared, tmp_path):
     assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
 
 
+def test_a_float32_job_trains_on_data_it_generates_and_resumes(tmp_path):
+    """solver.dtype = "float32": generating the data switched the process to float64, the
+    network's weights then came out float64 and the first step failed ('unravel function given
+    array of dtype float32, but expected dtype float64')."""
+    job, run = tiny_job(tmp_path, steps=4, every=2), tmp_path / "run"
+    assert not (tmp_path / "tiny.h5").exists()
+    ndde("train", job, "--run-dir", run, "--steps", "2", "--set", 'solver.dtype="float32"')
+    ndde("resume", run, "--steps", "4")
+    with h5py.File(_ckpt(run, 4)) as f:
+        names = _datasets(f["params"]) + _datasets(f["opt_state"])
+        floats = {n: f[n].dtype for n in names if f[n].dtype.kind == "f"}
+        assert floats and set(floats.values()) == {np.dtype(np.float32)}, floats
+        assert np.all(np.isfinite(f["metrics/loss"][...])) and f.attrs["step"] == 4
+
+
+def _datasets(group):
+    names = []
+    group.visititems(lambda n, o: names.append(f"{group.name}/{n}") if isinstance(o, h5py.Dataset) else None)
+    return names
+
+
 @pytest.mark.slow
 def test_resume_refuses_a_changed_model_or_data(shared, tmp_path):
     tmp, job, ref = shared
