@@ -143,7 +143,20 @@ def validate(path, job: JobConfig) -> dict:
         for name in _required(d.system):
             if not np.all(np.isfinite(f[name][...])):
                 raise DataError(f"data file {path}: dataset {name!r} contains NaN or inf")
+        if f.attrs.get("format") == "ndde-data":
+            _check_generated_for(d, dict(f.attrs), ts, path)
     return {"n": n, "n_times": ts.shape[0]}
+
+
+def _check_generated_for(d, attrs, ts, path):
+    """A file that ``ndde data`` wrote records the data section it was made for; a job whose
+    section differs would train on other data than it says (a changed noise, t1 or seed)."""
+    made = {"system": str(attrs["system"]), "t1": float(ts[-1]), "n_times": int(ts.shape[0]),
+            "noise": float(attrs["noise"]), "seed": int(attrs["seed"])}
+    diffs = [f"data.{k} = {getattr(d, k)!r}, the file's {v!r}" for k, v in made.items() if getattr(d, k) != v]
+    if diffs:
+        raise DataError(f"data file {path} was generated for another data section ({'; '.join(diffs)}): "
+                        "regenerate it with `ndde data JOB.toml` (overwrites it) or set data.path to a new file")
 
 
 def digest(path) -> str:

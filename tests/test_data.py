@@ -75,6 +75,22 @@ def test_too_few_rows_and_missing_and_not_hdf5(tmp_path, tiny):
         data.validate(junk, job)
 
 
+def test_a_generated_file_is_refused_for_another_data_section(tmp_path, tiny):
+    """A job whose data section changed (noise, t1, n_times, seed, system) trained on the file
+    made for the old one without a word; a file not written by `ndde data` is taken as it is."""
+    job, path = tiny
+    for key, value, needle in [("noise", 0.1, "data.noise = 0.1, the file's 0.0"),
+                               ("t1", 2.0, "data.t1 = 2.0, the file's 1.0"),
+                               ("n_times", 11, "data.n_times = 11, the file's 6"),
+                               ("seed", 7, "data.seed = 7, the file's 1")]:
+        with pytest.raises(data.DataError, match="was generated for another data section") as info:
+            data.validate(path, job.replace("data", **{key: value}))
+        assert needle in str(info.value)
+    foreign = _broken_copy(tmp_path, path, lambda f: None)  # the datasets without ndde's attributes
+    assert data.validate(foreign, job.replace("data", noise=0.1)) == {"n": 10, "n_times": 6}
+    assert data.validate(path, job.replace("data", n_train=4, n_test=1)) == {"n": 10, "n_times": 6}
+
+
 def test_shards_partition_the_training_rows():
     for n, shards in [(8, 2), (10, 3), (1024, 4), (7, 7)]:
         blocks = [data.shard_bounds(n, shards, w) for w in range(shards)]
