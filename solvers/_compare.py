@@ -17,7 +17,7 @@ from jax.flatten_util import ravel_pytree
 
 from ._problem import DDEProblem, floats_as_arrays
 from ._solve import solve
-from .sensitivity import BacksolveAdjoint, Backprop, ForwardMode, InterpolatingAdjoint, QuadratureAdjoint
+from .sensitivity import AbstractSensitivity, BacksolveAdjoint, Backprop, ForwardMode, InterpolatingAdjoint, QuadratureAdjoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,13 +66,25 @@ def _methods_for(prob):
     return methods
 
 
+def _named(methods) -> dict:
+    named = dict(methods) if isinstance(methods, dict) else {repr(s): s for s in methods}
+    for name, sens in named.items():
+        if not isinstance(sens, AbstractSensitivity):
+            raise TypeError(f"compare_sensitivities: methods[{name!r}] must be a sensitivity such as "
+                            f"Backprop() or InterpolatingAdjoint(checkpoints=4), got {sens!r}")
+    if not named:
+        raise ValueError("compare_sensitivities: methods is empty")
+    return named
+
+
 def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1e-6, repeats=3,
                           verbose=True, **solve_kwargs) -> Comparison:
     """Gradient of ``loss(sol.ys)`` w.r.t. ``p`` (its floating-point leaves; ints and bools are
     settings, left as they are) by every applicable method and by central finite differences
     (float64), with timings; prints the table unless ``verbose=False``.
 
-    methods: dict name -> sensitivity (default: every method that supports the problem).
+    methods: sensitivities (a list, named by repr) or a dict name -> sensitivity (default: every
+    method that supports the problem).
     solve_kwargs go to ``solve`` (default tolerances here: rtol=1e-10, atol=1e-12).
     A method that fails (an adjoint's backward sweep out of max_steps, say) is listed under the
     table with its error and kept in ``Comparison.errors``, and the others are compared; when
@@ -82,7 +94,7 @@ def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1
         raise ValueError("compare_sensitivities needs float64: call "
                          "jax.config.update('jax_enable_x64', True) first")
     solve_kwargs = {"rtol": 1e-10, "atol": 1e-12, **solve_kwargs}
-    methods = _methods_for(prob) if methods is None else dict(methods)
+    methods = _methods_for(prob) if methods is None else _named(methods)
     # the floating-point leaves are the parameters; other leaves (settings) are neither
     # differentiated nor perturbed (raveled with them, an int read back perturbed values)
     params, settings = eqx.partition(floats_as_arrays(p), eqx.is_inexact_array)

@@ -351,6 +351,20 @@ def test_compare_sensitivities_leaves_settings_alone():
     assert result.worst() < 1e-8
 
 
+def test_compare_sensitivities_takes_a_list_of_methods_and_names_a_bad_one():
+    """methods=[sv.Backprop(), ...] failed with "cannot convert dictionary update sequence
+    element #0 to a sequence"; a list is now named by repr, and a non-sensitivity is named."""
+    prob = sv.ODEProblem(lambda t, x, p: p * x, jnp.ones(1), 0.0, 1.0)
+    L = lambda ys: jnp.sum(ys)
+    chosen = [sv.Backprop(), sv.InterpolatingAdjoint(checkpoints=2)]
+    result = sv.compare_sensitivities(prob, -0.5, L, methods=chosen, repeats=1, verbose=False)
+    assert list(result.gradients) == [repr(s) for s in chosen] + ["finite differences"]
+    for g in result.gradients.values():
+        assert abs(float(g[0]) - float(jnp.exp(-0.5))) < 1e-6  # d/dp e^p at p = -0.5
+    with pytest.raises(TypeError, match=r"methods\['adjoint'\] must be a sensitivity such as Backprop\(\)"):
+        sv.compare_sensitivities(prob, -0.5, L, methods={"adjoint": "interpolating"}, verbose=False)
+
+
 def test_compare_sensitivities_reports_a_method_that_fails_and_compares_the_others():
     """40 observations on [0, 1] where the forward needs a handful of steps (land_on_saveat=False):
     max_steps=30 is enough for the forward but not for an adjoint's backward sweep, which stops at
