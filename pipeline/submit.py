@@ -8,6 +8,7 @@ and are refused in #SBATCH lines if they hold a double quote or a line break.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import pathlib
 import shlex
@@ -140,14 +141,26 @@ def grid_points(grid: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*axes)]
 
 
+def _data_file_per_section(jobs, sweep_dir):
+    """Points whose data sections differ (a grid over data.noise, say) but name one data file
+    get a file per section in the sweep directory: sharing one, the tasks generated it over each
+    other and all but one were refused (or trained on another section's data)."""
+    section = lambda job: dataclasses.replace(job.data, path="")
+    by_path = {}
+    for job in jobs:
+        by_path.setdefault(job.data_path, set()).add(section(job))
+    order = list(dict.fromkeys(section(job) for job in jobs))
+    return [job if len(by_path[job.data_path]) == 1 else
+            job.replace("data", path=str(sweep_dir / f"data-{order.index(section(job)):02d}.h5")) for job in jobs]
+
+
 def sweep(job_path, grid, sweep_dir, base_overrides=(), flags=None, dry_run=False):
     """One run directory per grid point (``point-000``...), one array job over them."""
     sweep_dir = pathlib.Path(sweep_dir).resolve()
-    run_dirs, jobs = [], []
-    for i, point in enumerate(grid_points(grid)):
-        job = apply_flags(config_mod.load(job_path, [*base_overrides, *point]), **(flags or {}))
-        run_dirs.append(_prepare_run_dir(job, sweep_dir / f"point-{i:03d}"))
-        jobs.append(job)
+    jobs = [apply_flags(config_mod.load(job_path, [*base_overrides, *point]), **(flags or {}))
+            for point in grid_points(grid)]
+    jobs = _data_file_per_section(jobs, sweep_dir)
+    run_dirs = [_prepare_run_dir(job, sweep_dir / f"point-{i:03d}") for i, job in enumerate(jobs)]
     script = render_sbatch(jobs[0], run_dirs, sweep_dir / "slurm-%A_%a.out", ndde_bin())
     (sweep_dir / "sweep.sbatch").write_text(script)
     (sweep_dir / "points.txt").write_text("".join(f"{d.name} {' '.join(p)}\n" for d, p in

@@ -135,3 +135,19 @@ def test_status_names_what_is_missing(tmp_path):
     (tmp_path / "r" / "slurm_job_id").write_text("4242\n")
     no_slurm = ndde("status", tmp_path / "r", check=False, env={"PATH": str(BIN)})
     assert no_slurm.returncode == 2 and "Slurm job 4242, but scontrol is not found" in no_slurm.stderr
+
+
+def test_a_sweep_over_data_keys_gives_each_data_section_its_own_file(tmp_path):
+    """Points of a grid over data.noise read one data file: their tasks generated it over each
+    other. Each data section now has a file in the sweep directory; other grids keep the job's."""
+    job = ROOT / "jobs" / "delayed_gradient.toml"
+    submit.sweep(job, ["data.noise=0.0,0.1", "optimizer.learning_rate=1e-3,3e-3"], tmp_path / "sw",
+                 flags={"backend": "mpi"}, dry_run=True)
+    jobs = [config.load(tmp_path / "sw" / f"point-{i:03d}" / "job.toml") for i in range(4)]
+    assert [(j.data.noise, j.data.path) for j in jobs] == [
+        (0.0, str(tmp_path / "sw" / "data-00.h5")), (0.0, str(tmp_path / "sw" / "data-00.h5")),
+        (0.1, str(tmp_path / "sw" / "data-01.h5")), (0.1, str(tmp_path / "sw" / "data-01.h5"))]
+    submit.sweep(job, ["optimizer.learning_rate=1e-3,3e-3"], tmp_path / "lr", flags={"backend": "mpi"}, dry_run=True)
+    default = config.load(job).data_path.resolve()
+    for i in range(2):
+        assert pathlib.Path(config.load(tmp_path / "lr" / f"point-{i:03d}" / "job.toml").data.path) == default
