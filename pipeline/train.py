@@ -148,6 +148,9 @@ class Trainer:
             opt_state = jax.tree_util.tree_map(jnp.asarray, restored.opt_state)
             start = restored.step
             metrics = {k: list(restored.metrics.get(k, []))[:start] for k in METRICS}
+            if total_steps < start:
+                raise ResumeError(f"{self.run_dir} is at step {start} already ({restored.path.name}); a run cannot "
+                                  f"go back to step {total_steps}: give --steps above {start} to continue it")
         bar = _progress(job.name, start, total_steps, progress and self.backend.is_root)
         t_begin, done, saved, skipped, in_a_row = time.perf_counter(), 0, None, 0, 0
         with _Signals() as signals:
@@ -203,7 +206,7 @@ class Trainer:
         elapsed = time.perf_counter() - t_begin
         return {"step": total_steps, "loss": metrics["loss"][-1] if metrics["loss"] else None,
                 "steps_run": done, "steps_skipped": skipped, "steps_per_s": done / elapsed if elapsed > 0 else None,
-                "checkpoint": str(saved) if saved else None,
+                "checkpoint": str(saved or (restored.path if restored else "")) or None,
                 "tau": metrics["tau"][-1] if metrics["tau"] and np.isfinite(metrics["tau"][-1]) else None}
 
 

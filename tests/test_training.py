@@ -114,6 +114,17 @@ def test_truncated_newest_checkpoint_is_skipped(shared, tmp_path):
     assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
 
 
+def test_resume_of_a_finished_run_reports_its_step_and_refuses_to_go_back(shared):
+    """`ndde resume RUN --steps 10` of a run at step 12 printed "step": 10 and no checkpoint,
+    having done nothing; going back is now refused, and a run already at its end says where it is."""
+    tmp, job, ref = shared
+    summary = json.loads(ndde("resume", tmp / "ref").stdout.strip().splitlines()[-1])
+    assert (summary["step"], summary["steps_run"], summary["checkpoint"]) == (STEPS, 0, str(ref / "step_00000012.h5"))
+    back = ndde("resume", tmp / "ref", "--steps", "10", check=False)
+    assert back.returncode == 2 and "is at step 12 already" in back.stderr and "give --steps above 12" in back.stderr
+    assert sorted(p.name for p in ref.iterdir()) == [f"step_{s:08d}.h5" for s in (8, 10, 12)]
+
+
 def test_a_float32_job_trains_on_data_it_generates_and_resumes(tmp_path):
     """solver.dtype = "float32": generating the data switched the process to float64, the
     network's weights then came out float64 and the first step failed ('unravel function given
