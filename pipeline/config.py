@@ -271,6 +271,14 @@ def run_job_file(run_dir) -> pathlib.Path:
     return path
 
 
+def new_run_dir(run_dir) -> pathlib.Path:
+    """run_dir as a path, refused when it names a file (mkdir said only 'File exists')."""
+    run_dir = pathlib.Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"--run-dir {run_dir} is a file, not a directory; choose another --run-dir")
+    return run_dir
+
+
 def loads_dict(raw: dict, default_name: str, overrides=()) -> JobConfig:
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for text in overrides:

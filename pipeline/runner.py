@@ -81,7 +81,7 @@ def _run(job, run_dir, comm, total_steps, restore, progress, extra_attrs=None):
 def start(job, run_dir=None, *, backend=None, workers=None, scheduler=None, steps=None, progress=True,
           extra_attrs=None) -> dict:
     job, comm = resolve(job, backend, workers, scheduler, steps)
-    run_dir = pathlib.Path(run_dir or f"runs/{job.name}")
+    run_dir = config_mod.new_run_dir(run_dir or f"runs/{job.name}")
     newest = CheckpointManager(run_dir / "checkpoints").latest_step()
     if newest is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints (newest: step {newest}); continue it with "

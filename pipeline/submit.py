@@ -94,7 +94,7 @@ def apply_flags(job, *, backend=None, steps=None, nodes=None, ntasks_per_node=No
 
 
 def _prepare_run_dir(job, run_dir) -> pathlib.Path:
-    run_dir = pathlib.Path(run_dir).resolve()
+    run_dir = config_mod.new_run_dir(run_dir).resolve()
     newest = CheckpointManager(run_dir / "checkpoints").latest_step()
     if newest is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints (newest: step {newest}); choose another "

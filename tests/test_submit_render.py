@@ -151,3 +151,14 @@ def test_a_sweep_over_data_keys_gives_each_data_section_its_own_file(tmp_path):
     default = config.load(job).data_path.resolve()
     for i in range(2):
         assert pathlib.Path(config.load(tmp_path / "lr" / f"point-{i:03d}" / "job.toml").data.path) == default
+
+
+def test_a_run_dir_that_is_a_file_is_named(tmp_path):
+    """`--run-dir` naming a file failed with mkdir's bare "[Errno 17] File exists"."""
+    from tests.pipeline_helpers import ndde, tiny_job
+
+    (tmp_path / "afile").write_text("")
+    job = tiny_job(tmp_path)
+    for cmd in (["train", job], ["submit", job, "--backend", "mpi", "--dry-run"]):
+        result = ndde(*cmd, "--run-dir", tmp_path / "afile", check=False)
+        assert result.returncode == 2 and f"--run-dir {tmp_path / 'afile'} is a file, not a directory" in result.stderr
