@@ -204,9 +204,10 @@ class Trainer:
                                     f"`ndde resume {self.run_dir}`")
         bar.close()
         elapsed = time.perf_counter() - t_begin
+        newest = saved or (restored.path if restored else None)
         return {"step": total_steps, "loss": metrics["loss"][-1] if metrics["loss"] else None,
                 "steps_run": done, "steps_skipped": skipped, "steps_per_s": done / elapsed if elapsed > 0 else None,
-                "checkpoint": str(saved or (restored.path if restored else "")) or None,
+                "checkpoint": str(newest) if newest else None,
                 "tau": metrics["tau"][-1] if metrics["tau"] and np.isfinite(metrics["tau"][-1]) else None}
 
 

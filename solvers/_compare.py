@@ -17,7 +17,8 @@ from jax.flatten_util import ravel_pytree
 
 from ._problem import DDEProblem, floats_as_arrays
 from ._solve import solve
-from .sensitivity import AbstractSensitivity, BacksolveAdjoint, Backprop, ForwardMode, InterpolatingAdjoint, QuadratureAdjoint
+from .sensitivity import (AbstractSensitivity, BacksolveAdjoint, Backprop, ForwardMode, InterpolatingAdjoint,
+                          QuadratureAdjoint)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,8 +132,7 @@ def adjoint_solve(prob, p, saveat, opts, sens):
             grad = sweep(p, saveat, diff, const, ct_ys, sweep_residual)
         grad_p, grad_diff = grad if _closure.has_diff(diff) else (grad, diff)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
-        return _closure.cast_like((grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))),
-                                  dtypes)
+        return _closure.cotangents(grad_p, ct_saveat, grad_diff, const, dtypes)
 
     solve_adj.defvjp(fwd, bwd, symbolic_zeros=True)
     return solve_adj(p, saveat, arrays)

@@ -133,6 +133,12 @@ def cast_like(cotangent, dtypes):
     return jax.tree_util.tree_map(cast, cotangent, dtypes, is_leaf=lambda c: c is None)
 
 
+def cotangents(grad_p, ct_saveat, grad_diff, const, dtypes):
+    """What a solve's custom_vjp returns for (p, saveat, the problem's arrays): the differentiated
+    arrays' gradient with zeros for the constant ones, each in its primal's dtype."""
+    return cast_like((grad_p, ct_saveat, eqx.combine(grad_diff, zero_cotangents(const))), dtypes)
+
+
 def has_diff(diff) -> bool:
     return bool(jax.tree_util.tree_leaves(diff))
 

@@ -45,8 +45,7 @@ def forward_mode_solve(prob, p, saveat, opts):
         grad = jax.tree_util.tree_map(lambda J: jnp.tensordot(ct_ys, J, axes=ct_ys.ndim, precision=HIGHEST), jac)
         grad_p, grad_diff = check_gradient(grad, status, opts)
         ct_saveat = _closure.saveat_cotangent(_closure.rebuild(diff, const, static), p, saveat, ys, ct_ys)
-        return _closure.cast_like((grad_p, ct_saveat, eqx.combine(grad_diff, _closure.zero_cotangents(const))),
-                                  dtypes)
+        return _closure.cotangents(grad_p, ct_saveat, grad_diff, const, dtypes)
 
     solve_fm.defvjp(fwd, bwd, symbolic_zeros=True)
     return solve_fm(p, saveat, arrays)
