@@ -178,6 +178,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     """Solve an ``ODEProblem`` or ``DDEProblem`` with parameters ``p``: any pytree, whose
     floating-point arrays and floats are the parameters; other leaves (an int, a bool, a string)
     are settings the problem's functions receive unchanged and no method differentiates.
+    The solve computes in the initial state's dtype (float32 or float64; half precision is
+    refused); every method returns the gradient of each leaf of p in that leaf's dtype.
 
     saveat: 1-D increasing times in [t0, t1] (default: t1 only). The solver lands exactly on
     each (``land_on_saveat=True``, the default: values at save times are step values; a save
