@@ -96,7 +96,8 @@ def load_run_job(run_dir) -> config_mod.JobConfig:
 def resume(run_dir, *, steps=None, backend=None, workers=None, scheduler=None, progress=True,
            extra_attrs=None) -> dict:
     """Continue from the newest checkpoint that verifies, up to ``steps`` (default train.steps;
-    the optimizer's schedule always follows the job's train.steps)."""
+    the optimizer's schedule always follows the job's train.steps, and steps past a schedule whose
+    learning rate has reached 0 are refused)."""
     run_dir = pathlib.Path(run_dir)
     job, comm = resolve(load_run_job(run_dir), backend, workers, scheduler)
     return _run(job, run_dir, comm, steps or job.train.steps, True, progress, extra_attrs)

@@ -54,7 +54,8 @@ def slurm_attrs(env=None) -> dict:
     return {"slurm_job_id": int(env["SLURM_JOB_ID"]), "slurm_restart_count": int(restarts) if restarts.isdigit() else 0}
 
 
-def make_optimizer(job) -> optax.GradientTransformation:
+def learning_rate_schedule(job) -> optax.Schedule:
+    """The learning rate by update count, laid out over the job's train.steps."""
     o, total = job.optimizer, job.train.steps
     lr = {"constant": lambda: optax.constant_schedule(o.learning_rate),
           "cosine": lambda: optax.cosine_decay_schedule(o.learning_rate, total),
@@ -62,7 +63,12 @@ def make_optimizer(job) -> optax.GradientTransformation:
     if o.warmup_steps:
         lr = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps), lr],
                                   [o.warmup_steps])
-    opt = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[o.name](lr)
+    return lr
+
+
+def make_optimizer(job) -> optax.GradientTransformation:
+    o = job.optimizer
+    opt = {"adam": optax.adam, "adamw": optax.adamw, "sgd": optax.sgd}[o.name](learning_rate_schedule(job))
     return optax.chain(optax.clip_by_global_norm(o.clip_norm), opt) if o.clip_norm > 0 else opt
 
 
@@ -151,6 +157,10 @@ class Trainer:
             if total_steps < start:
                 raise ResumeError(f"{self.run_dir} is at step {start} already ({restored.path.name}); a run cannot "
                                   f"go back to step {total_steps}: give --steps above {start} to continue it")
+        if total_steps > job.train.steps and float(learning_rate_schedule(job)(job.train.steps)) == 0.0:
+            raise ResumeError(f"steps past train.steps = {job.train.steps} would not change the parameters: the "
+                              f"{job.optimizer.schedule} schedule's learning rate is 0 after step {job.train.steps}. "
+                              "To train longer, start a new run (`ndde train`) with a larger train.steps")
         bar = _progress(job.name, start, total_steps, progress and self.backend.is_root)
         t_begin, done, saved, skipped, in_a_row = time.perf_counter(), 0, None, 0, 0
         with _Signals() as signals:

@@ -125,6 +125,18 @@ def test_resume_of_a_finished_run_reports_its_step_and_refuses_to_go_back(shared
     assert sorted(p.name for p in ref.iterdir()) == [f"step_{s:08d}.h5" for s in (8, 10, 12)]
 
 
+def test_resume_past_a_cosine_schedules_end_is_refused(shared, tmp_path):
+    """The cosine schedule is laid out over train.steps and is 0 after it: `ndde resume --steps`
+    past it ran its steps without changing a parameter (the README suggested it for the demo)."""
+    tmp, job, ref = shared
+    run = tmp_path / "run"
+    ndde("train", job, "--run-dir", run, "--steps", "2", "--set", 'optimizer.schedule="cosine"')
+    result = ndde("resume", run, "--steps", "4", check=False)
+    assert result.returncode == 2, result.stderr
+    assert "the cosine schedule's learning rate is 0 after step 2" in result.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002.h5"]
+
+
 def test_a_float32_job_trains_on_data_it_generates_and_resumes(tmp_path):
     """solver.dtype = "float32": generating the data switched the process to float64, the
     network's weights then came out float64 and the first step failed ('unravel function given
