@@ -91,6 +91,7 @@ class ShardWorker:
         except Exception as err:  # solver failures (equinox runtime errors) end up here
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
             first = next((ln for ln in lines if "ndde:" in ln), lines[0] if lines else type(err).__name__)
+            first += _job_keys(first)
             return ShardResult(self.shard, float("nan"), np.full(flat_theta.shape, np.nan), 0, 0, 0,
                                f"shard {self.shard}: {first}")
         if os.environ.get("NDDE_TEST_NAN_AT_STEP") == str(step):  # fault injection for the NaN tests
@@ -100,6 +101,12 @@ class ShardWorker:
             time.sleep(float(pause.split(":")[1]))
         return ShardResult(self.shard, loss, grad, int(stats["steps"]), int(stats["rejected"]),
                            int(stats["rhs_evals"]), "")
+
+
+def _job_keys(message: str) -> str:
+    """The job-file keys behind the solve() arguments a solver message asks to change."""
+    keys = [f"solver.{k}" for k in ("max_steps", "history_size", "checkpoints", "rtol", "atol") if k in message]
+    return f" (in the job: {', '.join(keys)})" if keys else ""
 
 
 _WORKERS: dict = {}

@@ -173,6 +173,8 @@ class Trainer:
                     theta, opt_state = self._update(theta, opt_state, self.unravel(jnp.asarray(grad)))
                     in_a_row = 0
                 else:
+                    tau = self.model.tau(theta)
+                    at = f" at tau = {float(tau):.6g}" if tau is not None else ""
                     why = (red.errors[0].rstrip(".") if red.errors else
                            f"non-finite loss ({loss})" if not np.isfinite(loss) else
                            f"non-finite gradient ({int(np.sum(~np.isfinite(grad)))} of {grad.size} entries)")
@@ -182,10 +184,11 @@ class Trainer:
                         newest = self.manager.latest_step()
                         bar.close()
                         if job.train.on_nonfinite == "stop":
-                            what, hint = f"step {step} failed: {why}", ' (Set train.on_nonfinite = "skip" to skip such steps.)'
+                            what = f"step {step} failed{at}: {why}"
+                            hint = ' (Set train.on_nonfinite = "skip" to skip such steps.)'
                         else:
                             what = (f"steps {step - in_a_row + 1}..{step} failed in a row "
-                                    f"(train.max_skips_in_a_row = {limit}), the last: {why}")
+                                    f"(train.max_skips_in_a_row = {limit}), the last{at}: {why}")
                             hint = ""
                         raise TrainingError(
                             f"{what}. The update was not applied; the newest checkpoint "

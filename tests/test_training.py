@@ -5,6 +5,7 @@ broken checkpoints, changed jobs, NaN and solver failures are handled as documen
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
@@ -13,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.pipeline_helpers import BIN, assert_same_bits, ndde, tiny_job
+from tests.pipeline_helpers import BIN, ROOT, assert_same_bits, ndde, tiny_job
 
 STEPS, EVERY = 12, 2
 
@@ -125,6 +126,22 @@ def test_resume_of_a_finished_run_reports_its_step_and_refuses_to_go_back(shared
     assert sorted(p.name for p in ref.iterdir()) == [f"step_{s:08d}.h5" for s in (8, 10, 12)]
 
 
+def test_a_failed_step_of_a_delay_model_names_tau_and_the_job_key(tmp_path):
+    """A learning rate that throws τ far out (25 on [0, 10] after one SGD step here) filled the
+    history buffer; the message said to raise solve()'s history_size and nothing of τ."""
+    data = tmp_path / "mg.h5"
+    sets = [f'data.path="{data}"', "data.n_train=8", "data.n_test=2", "train.batch_size=4", "model.hidden=[8]",
+            'optimizer.name="sgd"', "optimizer.learning_rate=1.0", "optimizer.clip_norm=0.0"]
+    args = [a for s in sets for a in ("--set", s)]
+    result = ndde("train", ROOT / "jobs" / "ndde_mackey_glass.toml", "--run-dir", tmp_path / "run", "--steps", "4",
+                  *args, check=False)
+    assert result.returncode == 3, result.stderr
+    # here the history buffer fills (solver.history_size, solver.checkpoints); the step budget
+    # (solver.max_steps, ...) would be as good an outcome of such a τ
+    assert re.search(r"step \d failed at tau = [0-9.e+-]+: shard 0: .*ndde: .*\(in the job: "
+                     r"solver\.(history_size|max_steps)", result.stderr), result.stderr
+
+
 def test_resume_past_a_cosine_schedules_end_is_refused(shared, tmp_path):
     """The cosine schedule is laid out over train.steps and is 0 after it: `ndde resume --steps`
     past it ran its steps without changing a parameter (the README suggested it for the demo)."""
@@ -212,6 +229,7 @@ def test_solver_failure_stops_with_its_message(shared, tmp_path):
     result = ndde("train", job, "--run-dir", tmp_path / "run", "--set", "solver.max_steps=2", check=False)
     assert result.returncode == 3
     assert "step 1 failed" in result.stderr and "step budget exhausted" in result.stderr
+    assert "(in the job: solver.max_steps, solver.rtol, solver.atol)" in result.stderr  # not only solve()'s names
     # skipping failed steps stops all the same once train.max_skips_in_a_row fail one after another
     run = tmp_path / "skip"
     result = ndde("train", job, "--run-dir", run, "--set", "solver.max_steps=2", "--set", 'train.on_nonfinite="skip"',
