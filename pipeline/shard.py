@@ -90,8 +90,9 @@ class ShardWorker:
                     break
         except Exception as err:  # solver failures (equinox runtime errors) end up here
             lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-            first = next((ln for ln in lines if "ndde:" in ln), lines[0] if lines else type(err).__name__)
-            first += _job_keys(first)
+            first = next((ln[ln.index("ndde:"):] for ln in lines if "ndde:" in ln),
+                         lines[0] if lines else type(err).__name__)
+            first = first.rstrip(".") + _job_keys(first) + "."
             return ShardResult(self.shard, float("nan"), np.full(flat_theta.shape, np.nan), 0, 0, 0,
                                f"shard {self.shard}: {first}")
         if os.environ.get("NDDE_TEST_NAN_AT_STEP") == str(step):  # fault injection for the NaN tests
