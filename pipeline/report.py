@@ -4,6 +4,7 @@ the held-out data (from the newest checkpoint that verifies), and the learned de
 from __future__ import annotations
 
 import pathlib
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from .checkpoint import CheckpointManager
 from .data import read_rows
 from .models import build_model
 from .runner import load_run_job
+from .shard import error_line
 from .train import make_optimizer
 
 
@@ -47,19 +49,27 @@ def write_report(run_dir) -> str:
     theta0 = model.init(jax.random.PRNGKey(job.model.seed))
     restored = manager.restore(step, theta0, make_optimizer(job).init(theta0))
     params = jax.tree_util.tree_map(jnp.asarray, restored.params)
-    ts, ys_true, fine, ys_pred, mse = held_out_prediction(job, params)
+    try:
+        ts, ys_true, fine, ys_pred, mse = held_out_prediction(job, params)
+        failure = None
+    except RuntimeError as err:  # the model cannot be solved at these parameters (a delay thrown far out)
+        failure = error_line(err)
     m = restored.metrics
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     steps = np.arange(1, len(m["loss"]) + 1)
     axes[0].semilogy(steps, m["loss"])
     axes[0].set(title=f"{job.name}: training loss", xlabel="step", ylabel="mean squared error")
-    for i in range(ys_true.shape[0]):
-        color = f"C{i}"
-        axes[1].plot(ts, ys_true[i, :, 0], "o", color=color, ms=4, label="data" if i == 0 else None)
-        axes[1].plot(fine, ys_pred[i, :, 0], "-", color=color, label="model" if i == 0 else None)
-    axes[1].set(title=f"held-out trajectories (x[0]); MSE {mse:.2e}", xlabel="t", ylabel="x[0]")
-    axes[1].legend()
+    if failure is None:
+        for i in range(ys_true.shape[0]):
+            color = f"C{i}"
+            axes[1].plot(ts, ys_true[i, :, 0], "o", color=color, ms=4, label="data" if i == 0 else None)
+            axes[1].plot(fine, ys_pred[i, :, 0], "-", color=color, label="model" if i == 0 else None)
+        axes[1].set(title=f"held-out trajectories (x[0]); MSE {mse:.2e}", xlabel="t", ylabel="x[0]")
+        axes[1].legend()
+    else:
+        axes[1].text(0.02, 0.5, textwrap.fill(failure, 60), transform=axes[1].transAxes, va="center", fontsize=8)
+        axes[1].set(title="held-out trajectories: the model's solve failed", xticks=[], yticks=[])
     if "tau" in m and np.any(np.isfinite(m["tau"])):
         axes[2].plot(steps, m["tau"])
         axes[2].set(title="learned delay τ", xlabel="step", ylabel="τ")
@@ -71,4 +81,6 @@ def write_report(run_dir) -> str:
     out = run_dir / "report.png"
     fig.savefig(out, dpi=90)
     plt.close(fig)
+    if failure is not None:
+        return f"wrote {out} (step {step}; no held-out fit: {failure})"
     return f"wrote {out} (step {step}, held-out MSE {mse:.3e})"

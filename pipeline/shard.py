@@ -89,12 +89,8 @@ class ShardWorker:
                 if np.isfinite(loss) and np.all(np.isfinite(grad)):
                     break
         except Exception as err:  # solver failures (equinox runtime errors) end up here
-            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-            first = next((ln[ln.index("ndde:"):] for ln in lines if "ndde:" in ln),
-                         lines[0] if lines else type(err).__name__)
-            first = first.rstrip(".") + _job_keys(first) + "."
             return ShardResult(self.shard, float("nan"), np.full(flat_theta.shape, np.nan), 0, 0, 0,
-                               f"shard {self.shard}: {first}")
+                               f"shard {self.shard}: {error_line(err)}")
         if os.environ.get("NDDE_TEST_NAN_AT_STEP") == str(step):  # fault injection for the NaN tests
             grad = grad * np.nan
         pause = os.environ.get("NDDE_TEST_PAUSE_AT_STEP", "")  # "STEP:SECONDS": a window to kill a step in
@@ -102,6 +98,14 @@ class ShardWorker:
             time.sleep(float(pause.split(":")[1]))
         return ShardResult(self.shard, loss, grad, int(stats["steps"]), int(stats["rejected"]),
                            int(stats["rhs_evals"]), "")
+
+
+def error_line(err) -> str:
+    """What a failed solve says, for a job's user: ndde's own message out of JAX's wrapped runtime
+    error (after the host callback's traceback), with the job keys behind its advice."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    first = next((ln[ln.index("ndde:"):] for ln in lines if "ndde:" in ln), lines[0] if lines else type(err).__name__)
+    return first.rstrip(".") + _job_keys(first) + "."
 
 
 def _job_keys(message: str) -> str:

@@ -128,10 +128,11 @@ def test_resume_of_a_finished_run_reports_its_step_and_refuses_to_go_back(shared
 
 def test_a_failed_step_of_a_delay_model_names_tau_and_the_job_key(tmp_path):
     """A learning rate that throws τ far out (25 on [0, 10] after one SGD step here) filled the
-    history buffer; the message said to raise solve()'s history_size and nothing of τ."""
+    history buffer; the message said to raise solve()'s history_size and nothing of τ. `ndde
+    report` of that run then ended in a traceback; it now draws the rest and names the failure."""
     data = tmp_path / "mg.h5"
     sets = [f'data.path="{data}"', "data.n_train=8", "data.n_test=2", "train.batch_size=4", "model.hidden=[8]",
-            'optimizer.name="sgd"', "optimizer.learning_rate=1.0", "optimizer.clip_norm=0.0"]
+            'optimizer.name="sgd"', "optimizer.learning_rate=1.0", "optimizer.clip_norm=0.0", "checkpoint.every=1"]
     args = [a for s in sets for a in ("--set", s)]
     result = ndde("train", ROOT / "jobs" / "ndde_mackey_glass.toml", "--run-dir", tmp_path / "run", "--steps", "4",
                   *args, check=False)
@@ -140,6 +141,8 @@ def test_a_failed_step_of_a_delay_model_names_tau_and_the_job_key(tmp_path):
     # (solver.max_steps, ...) would be as good an outcome of such a τ
     assert re.search(r"step \d failed at tau = [0-9.e+-]+: shard 0: .*ndde: .*\(in the job: "
                      r"solver\.(history_size|max_steps)", result.stderr), result.stderr
+    report = ndde("report", tmp_path / "run")
+    assert "; no held-out fit: ndde: " in report.stdout and (tmp_path / "run" / "report.png").stat().st_size > 10_000
 
 
 def test_resume_past_a_cosine_schedules_end_is_refused(shared, tmp_path):
