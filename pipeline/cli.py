@@ -182,7 +182,8 @@ def main(argv=None) -> int:
         print(f"ndde {args.command}: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except TrainingError as err:
-        print(f"ndde {args.command}: {err}", file=sys.stderr)
+        if err.root:  # not once per MPI rank
+            print(f"ndde {args.command}: {err}", file=sys.stderr)
         return EXIT_TRAINING
     except Preempted as err:
         print(f"ndde {args.command}: {err}", file=sys.stderr)

@@ -34,7 +34,12 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after a signal; the batch scrip
 
 
 class TrainingError(RuntimeError):
-    """A step that could not be applied (non-finite loss or gradient, solver failure)."""
+    """A step that could not be applied (non-finite loss or gradient, solver failure). Every MPI
+    rank raises it; ``root`` is True on the one that reports it."""
+
+    def __init__(self, message, root=True):
+        super().__init__(message)
+        self.root = root
 
 
 class ResumeError(RuntimeError):
@@ -193,7 +198,7 @@ class Trainer:
                         raise TrainingError(
                             f"{what}. The update was not applied; the newest checkpoint "
                             f"{'is step ' + str(newest) if newest is not None else 'does not exist yet'} "
-                            f"in {self.manager.directory}.{hint}")
+                            f"in {self.manager.directory}.{hint}", root=self.backend.is_root)
                     if self.backend.is_root:
                         bar.clear()
                         print(f"ndde: step {step} skipped, its update not applied: {why}", file=sys.stderr, flush=True)

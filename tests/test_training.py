@@ -233,6 +233,9 @@ def test_solver_failure_stops_with_its_message(shared, tmp_path):
     assert result.returncode == 3
     assert "step 1 failed" in result.stderr and "step budget exhausted" in result.stderr
     assert "(in the job: solver.max_steps, solver.rtol, solver.atol)" in result.stderr  # not only solve()'s names
+    mpi = ndde("train", job, "--run-dir", tmp_path / "mpi", "--backend", "mpi", "--set", "solver.max_steps=2",
+               mpi_ranks=2, check=False)
+    assert mpi.returncode == 3 and mpi.stderr.count("step 1 failed") == 1, mpi.stderr  # said once, not per rank
     # skipping failed steps stops all the same once train.max_skips_in_a_row fail one after another
     run = tmp_path / "skip"
     result = ndde("train", job, "--run-dir", run, "--set", "solver.max_steps=2", "--set", 'train.on_nonfinite="skip"',
