@@ -186,7 +186,8 @@ def main(argv=None) -> int:
             print(f"ndde {args.command}: {err}", file=sys.stderr)
         return EXIT_TRAINING
     except Preempted as err:
-        print(f"ndde {args.command}: {err}", file=sys.stderr)
+        if err.root:
+            print(f"ndde {args.command}: {err}", file=sys.stderr)
         return EXIT_PREEMPTED
 
 

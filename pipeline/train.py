@@ -33,20 +33,23 @@ LOCKED_KEYS = (("train", "seed"), ("train", "batch_size"), ("backend", "workers"
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after a signal; the batch script requeues
 
 
-class TrainingError(RuntimeError):
-    """A step that could not be applied (non-finite loss or gradient, solver failure). Every MPI
-    rank raises it; ``root`` is True on the one that reports it."""
+class RunStopped(RuntimeError):
+    """The run stopped; every MPI rank raises it, and ``root`` is True on the one that reports it."""
 
     def __init__(self, message, root=True):
         super().__init__(message)
         self.root = root
 
 
+class TrainingError(RunStopped):
+    """A step that could not be applied (non-finite loss or gradient, solver failure)."""
+
+
 class ResumeError(RuntimeError):
     """A run directory whose job no longer matches its checkpoints."""
 
 
-class Preempted(RuntimeError):
+class Preempted(RunStopped):
     """SIGUSR1/SIGTERM arrived; the current step finished and a checkpoint was written."""
 
 
@@ -219,7 +222,7 @@ class Trainer:
                     bar.close()
                     where = f" to {saved}" if self.backend.is_root else ""
                     raise Preempted(f"{stop} received: checkpointed step {step}{where}; resume with "
-                                    f"`ndde resume {self.run_dir}`")
+                                    f"`ndde resume {self.run_dir}`", root=self.backend.is_root)
         bar.close()
         elapsed = time.perf_counter() - t_begin
         newest = saved or (restored.path if restored else None)
