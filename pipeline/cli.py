@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .submit import SubmitError
-    from .train import EXIT_PREEMPTED, Preempted, ResumeError, TrainingError
+    from .train import EXIT_PREEMPTED, Preempted, ResumeError, RunStopped
 
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
@@ -181,14 +181,10 @@ def main(argv=None) -> int:
             SubmitError) as err:
         print(f"ndde {args.command}: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    except TrainingError as err:
+    except RunStopped as err:  # a failed step or a signal
         if err.root:  # not once per MPI rank
             print(f"ndde {args.command}: {err}", file=sys.stderr)
-        return EXIT_TRAINING
-    except Preempted as err:
-        if err.root:
-            print(f"ndde {args.command}: {err}", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return EXIT_PREEMPTED if isinstance(err, Preempted) else EXIT_TRAINING
 
 
 if __name__ == "__main__":
