@@ -234,6 +234,9 @@ def check_consistent(job: JobConfig):
     if job.train.batch_size % job.backend.workers:
         raise ConfigError(f"train.batch_size {job.train.batch_size} must be a multiple of backend.workers "
                           f"{job.backend.workers} (each worker takes an equal share)")
+    if job.optimizer.warmup_steps >= job.train.steps:
+        raise ConfigError(f"optimizer.warmup_steps {job.optimizer.warmup_steps} must be below train.steps "
+                          f"{job.train.steps}: the learning rate would never reach optimizer.learning_rate")
     if job.train.batch_size > job.data.n_train:
         raise ConfigError(f"train.batch_size {job.train.batch_size} exceeds data.n_train {job.data.n_train}")
 

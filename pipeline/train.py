@@ -63,8 +63,11 @@ def slurm_attrs(env=None) -> dict:
 
 
 def learning_rate_schedule(job) -> optax.Schedule:
-    """The learning rate by update count, laid out over the job's train.steps."""
-    o, total = job.optimizer, job.train.steps
+    """The learning rate by update count, laid out over the job's train.steps: the warmup's
+    steps, then the decay over the rest (cosine reaches 0 and exponential decay_rate times the
+    peak at train.steps, as optax's warmup_cosine_decay_schedule counts its decay_steps)."""
+    o = job.optimizer
+    total = job.train.steps - o.warmup_steps  # join_schedules restarts the count at the boundary
     lr = {"constant": lambda: optax.constant_schedule(o.learning_rate),
           "cosine": lambda: optax.cosine_decay_schedule(o.learning_rate, total),
           "exponential": lambda: optax.exponential_decay(o.learning_rate, total, o.decay_rate)}[o.schedule]()

@@ -93,6 +93,27 @@ def test_batch_must_split_over_workers(tmp_path):
     assert "backend.workers" in _err(tmp_path, "[train]\nbatch_size = 5\n[backend]\nworkers = 2\n")
 
 
+def test_warmup_must_end_before_the_last_step(tmp_path):
+    msg = _err(tmp_path, "[train]\nsteps = 20\n[optimizer]\nwarmup_steps = 20\n")
+    assert "optimizer.warmup_steps 20 must be below train.steps 20" in msg
+
+
+@pytest.mark.parametrize("schedule, end", [("cosine", 0.0), ("exponential", 0.1), ("constant", 1.0)])
+@pytest.mark.parametrize("warmup", [0, 30])
+def test_schedule_is_laid_out_over_train_steps(schedule, end, warmup):
+    """The decay after a warmup ends at train.steps (with the warmup, cosine ended 30 steps
+    later: still 10% of the peak at the last step)."""
+    from pipeline.train import learning_rate_schedule
+
+    job = config.from_dict({"train": {"steps": 150}, "optimizer": {
+        "learning_rate": 0.01, "schedule": schedule, "decay_rate": 0.1, "warmup_steps": warmup}})
+    lr = lambda step: float(learning_rate_schedule(job)(step))
+    assert lr(warmup) == pytest.approx(0.01, rel=1e-6)
+    assert lr(150) == pytest.approx(0.01 * end, rel=1e-5, abs=1e-12)
+    if warmup:
+        assert lr(0) == 0.0 and lr(warmup // 2) == pytest.approx(0.005, rel=1e-6)
+
+
 def test_overrides(tmp_path):
     path = tmp_path / "ok.toml"
     path.write_text("")
