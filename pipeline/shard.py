@@ -111,6 +111,7 @@ def error_line(err) -> str:
 def _job_keys(message: str) -> str:
     """The job-file keys behind the solve() arguments a solver message asks to change."""
     keys = [f"solver.{k}" for k in ("max_steps", "history_size", "checkpoints", "rtol", "atol") if k in message]
+    keys += ["solver.dtype"] if "solve in float64" in message else []
     return f" (in the job: {', '.join(keys)})" if keys else ""
 
 

@@ -34,6 +34,7 @@ class Options:
     # inside that program a jax.jvp or jax.grad applied outside it leaves no tracer
     forward_only: bool = False  # jax.jvp / jax.jacfwd of the solve: the plain loop, no custom VJP
     grad_differentiated: bool = False  # jax.grad under jax.jvp (a Hessian-vector product, jax.hessian)
+    rounding_hint: str = ""  # added to the step budget and underflow errors when rtol is near eps
 
     @property
     def on_error(self) -> str:

@@ -32,14 +32,15 @@ class Solution(eqx.Module):
     stats: dict
 
 
-def _error_messages(max_steps: int, history_size: int) -> list[str]:
+def _error_messages(opts: Options) -> list[str]:
+    max_steps, history_size = opts.max_steps, opts.history_size
     msgs = [""] * 6
     msgs[MAX_STEPS] = (f"ndde: step budget exhausted: max_steps={max_steps} attempted steps did not "
                        "reach the end (t1; t0 for an adjoint's backward sweep, which also stops at every "
-                       "observation). Raise max_steps (solve(..., max_steps=...)) or loosen rtol/atol.")
+                       "observation). Raise max_steps (solve(..., max_steps=...)) or loosen rtol/atol." + opts.rounding_hint)
     msgs[UNDERFLOW] = ("ndde: step size underflow: the controller shrank the step below the "
                        "floating-point resolution of t. The problem is probably stiff (or the solution "
-                       "has a singularity); an explicit method cannot integrate it at this tolerance.")
+                       "has a singularity); an explicit method cannot integrate it at this tolerance." + opts.rounding_hint)
     msgs[NONFINITE] = ("ndde: NaN or inf in the state: the right-hand side returned a non-finite value "
                        "or the solution blew up. Check rhs, p and x0 (and dt0 for fixed steps). In an "
                        "adjoint's backward sweep the state is the adjoint: there the rhs's derivative was "
@@ -55,7 +56,7 @@ def _error_messages(max_steps: int, history_size: int) -> list[str]:
 
 
 def check_status(x, status, opts: Options):
-    return fail_if(x, status != OK, _error_messages(opts.max_steps, opts.history_size), opts.on_error, status)
+    return fail_if(x, status != OK, _error_messages(opts), opts.on_error, status)
 
 
 NONFINITE_GRADIENT = ("ndde: the gradient came out NaN or inf although the solve succeeded: a derivative on "
@@ -74,7 +75,7 @@ def check_gradient(grad, status, opts: Options):
     when it is not OK, else NONFINITE_GRADIENT when an entry is NaN or inf. A check on ys alone
     is compiled away when only the gradient is used, and the gradient may not read the sweep's
     own state (QuadratureAdjoint's ∫ f_pᵀλ with x0 independent of p): so it sits here."""
-    msgs = _error_messages(opts.max_steps, opts.history_size)
+    msgs = _error_messages(opts)
     failed = status != OK
     return fail_if(grad, failed | ~_all_finite(grad), msgs + [NONFINITE_GRADIENT], opts.on_error,
                    jnp.where(failed, status, len(msgs)))
@@ -163,7 +164,7 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints,
                              save_window=opts.grad_differentiated)
     ys = check_status(final.ys, final.status, opts)
-    msgs = tuple(_error_messages(opts.max_steps, opts.history_size))
+    msgs = tuple(_error_messages(opts))
     return (backprop_checks(ys, final.y, final.status, lax.stop_gradient(final.overflowed), msgs, opts.on_error),
             stats_of(final))
 
@@ -267,7 +268,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     depth, forward_only = differentiation((prob, p, saveat, dt0))
     opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,
                    bool(land_on_saveat), bool(_track_breakpoints), throw, separate,
-                   forward_only=forward_only, grad_differentiated=depth >= 2)
+                   forward_only=forward_only, grad_differentiated=depth >= 2,
+                   rounding_hint=_rounding_hint(rtol, dtype))
     if not _outside_jit_and_vmap((prob, p, saveat, dt0)):
         return _solve_traced(prob, p, saveat, dt0, opts, sensitivity)
     if isinstance(prob, DDEProblem) and _all_concrete(p):
@@ -275,6 +277,18 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     # a float in p becomes a (weakly typed) array, so a new value reuses the compiled program
     p = floats_as_arrays(p)
     return _solve_compiled(prob, p, saveat, dt0, dataclasses.replace(opts, dt0=None), sensitivity)
+
+
+def _rounding_hint(rtol: float, dtype) -> str:
+    """Why a budget may run out at any max_steps: an rtol within 10 eps of the state's dtype asks
+    the error estimate, a difference of two solutions rounded to that dtype, for what rounding
+    alone may exceed."""
+    eps = float(jnp.finfo(dtype).eps)
+    if rtol >= 10 * eps:
+        return ""
+    return (f" rtol={rtol:g} is below 10 eps of {jnp.dtype(dtype).name} (eps = {eps:.3g}): rounding "
+            "in the error estimate can keep any step from meeting it. Loosen rtol"
+            + (" (float32: 1e-6 or above) or solve in float64." if eps > 1e-10 else "."))
 
 
 def _check_saveat(ts, t0, t1):

@@ -23,6 +23,16 @@ def test_step_budget_exhausted_says_raise_max_steps():
         sv.solve(_ode(lambda t, x, p: -x), None, max_steps=3)
 
 
+def test_an_rtol_below_the_dtypes_resolution_is_named():
+    """float32 at rtol 1e-12 exhausts any step budget: the error says rtol is the cause."""
+    prob = sv.ODEProblem(lambda t, x, p: -x, jnp.ones(2, jnp.float32), 0.0, 1.0)
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"max_steps=4096 .*rtol=1e-12 is below 10 eps of float32 "
+                                                      r"\(eps = 1.19e-07\).*or solve in float64"):
+        sv.solve(prob, None, rtol=1e-12, atol=1e-14)
+    with pytest.raises(eqx.EquinoxRuntimeError, match=r"loosen rtol/atol.\n"):  # float64 at 1e-12: no hint
+        sv.solve(_ode(lambda t, x, p: -x), None, rtol=1e-12, max_steps=3)
+
+
 def test_step_size_underflow_says_stiff():
     with pytest.raises(eqx.EquinoxRuntimeError, match=r"step size underflow.*stiff"):
         sv.solve(_ode(lambda t, x, p: x**2), None)  # blows up at t = 1

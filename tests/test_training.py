@@ -145,6 +145,23 @@ def test_a_failed_step_of_a_delay_model_names_tau_and_the_job_key(tmp_path):
     assert "; no held-out fit: ndde: " in report.stdout and (tmp_path / "run" / "report.png").stat().st_size > 10_000
 
 
+def test_a_solver_message_names_the_job_keys_behind_its_advice():
+    """A float32 job at rtol 1e-12: the step budget runs out, and the line a job's user reads
+    names the keys to change, solver.dtype for the advice to solve in float64 included."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    import solvers as sv
+    from pipeline.shard import error_line
+
+    prob = sv.ODEProblem(lambda t, x, p: -x, jnp.ones(2, jnp.float32), 0.0, 1.0)
+    with pytest.raises(eqx.EquinoxRuntimeError) as err:
+        sv.solve(prob, None, rtol=1e-12, atol=1e-14, max_steps=50)
+    line = error_line(err.value)
+    assert line.startswith("ndde: step budget exhausted: max_steps=50 ")
+    assert line.endswith("(in the job: solver.max_steps, solver.rtol, solver.atol, solver.dtype).")
+
+
 def test_resume_past_a_cosine_schedules_end_is_refused(shared, tmp_path):
     """The cosine schedule is laid out over train.steps and is 0 after it: `ndde resume --steps`
     past it ran its steps without changing a parameter (the README suggested it for the demo)."""
