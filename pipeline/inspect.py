@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import h5py
 
 from .checkpoint import FORMAT, contents_digest
 
 
 def describe(path) -> str:
+    if not pathlib.Path(path).is_file():
+        what = "is a directory, not a file" if pathlib.Path(path).is_dir() else "does not exist"
+        raise FileNotFoundError(f"{path} {what}: give a checkpoint (RUN_DIR/checkpoints/step_*.h5) or data file")
     try:
         f = h5py.File(path, "r")
     except OSError as err:

@@ -282,6 +282,9 @@ def test_report_and_inspect(shared):
     assert "held-out MSE" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
     text = ndde("inspect", ref / "step_00000012.h5").stdout
     assert "sha256 verifies" in text and "params/H/0/w: float64 [2, 8]" in text and "@step = 12" in text
+    for path, what in ((ref / "step_00000099.h5", "does not exist"), (ref, "is a directory, not a file")):
+        result = ndde("inspect", path, check=False)
+        assert result.returncode == 2 and f"{path} {what}: give a checkpoint" in result.stderr, result.stderr
 
 
 @pytest.mark.slow
