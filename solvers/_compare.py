@@ -16,6 +16,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from ._problem import DDEProblem, floats_as_arrays
+from ._setup import initial_state
 from ._solve import solve
 from .sensitivity import (AbstractSensitivity, BacksolveAdjoint, Backprop, ForwardMode, InterpolatingAdjoint,
                           QuadratureAdjoint)
@@ -101,6 +102,7 @@ def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1
     params, settings = eqx.partition(floats_as_arrays(p), eqx.is_inexact_array)
     p_flat, unravel = ravel_pytree(params)
     p_flat = p_flat.astype(jnp.float64)
+    _check_float64_scalar_loss(prob, eqx.combine(unravel(p_flat), settings), loss, saveat)
 
     def objective(flat, sensitivity):
         q = eqx.combine(unravel(flat), settings)
@@ -141,6 +143,21 @@ def compare_sensitivities(prob, p, loss, *, saveat=None, methods=None, fd_step=1
     if verbose:
         print(result.table())
     return result
+
+
+def _check_float64_scalar_loss(prob, p, loss, saveat):
+    """Errors that name the problem: the comparison runs in float64 (p, here cast to it, with a
+    float32 state failed in the rhs), and loss(ys) must be a scalar."""
+    state = jax.eval_shape(lambda: initial_state(prob, p))
+    if state.dtype != jnp.float64:
+        raise ValueError(f"compare_sensitivities compares gradients in float64 (finite differences need "
+                         f"it), but the problem's state is {state.dtype}: build the problem with a float64 "
+                         "x0 (and history) for the check")
+    n = 1 if saveat is None else int(np.size(saveat))
+    out = jax.eval_shape(loss, jax.ShapeDtypeStruct((n, *state.shape), state.dtype))
+    if getattr(out, "shape", None) != ():
+        raise ValueError(f"compare_sensitivities: loss(ys) must return a scalar; for ys of shape "
+                         f"{(n, *state.shape)} it returned shape {getattr(out, 'shape', type(out).__name__)}")
 
 
 def _first_line(err) -> str:

@@ -389,6 +389,23 @@ def test_compare_sensitivities_reports_a_method_that_fails_and_compares_the_othe
     assert result.worst(exclude=adjoints) < 1e-6
 
 
+def test_compare_sensitivities_names_a_float32_state_and_a_non_scalar_loss():
+    """A float32 state failed in every method with the rhs's dtype error (p is compared in
+    float64); a loss of shape (1, 2) failed with JAX's "Gradient only defined for scalar-output
+    functions". A float32 p with x0 built from p stays comparable (its state is float64 there)."""
+    rhs = lambda t, x, p: -p["a"] * x
+    f32 = sv.ODEProblem(rhs, jnp.ones(2, jnp.float32), 0.0, 1.0)
+    with pytest.raises(ValueError, match="compares gradients in float64 .* the problem's state is float32"):
+        sv.compare_sensitivities(f32, {"a": jnp.float32(0.5)}, jnp.sum, verbose=False)
+    prob = sv.ODEProblem(rhs, lambda p: p["x0"] * jnp.ones(2), 0.0, 1.0)
+    with pytest.raises(ValueError, match=r"loss\(ys\) must return a scalar; for ys of shape \(3, 2\) it returned "
+                                         r"shape \(2,\)"):
+        sv.compare_sensitivities(prob, {"a": 0.5, "x0": 1.0}, lambda ys: ys[-1], saveat=jnp.array([0.2, 0.5, 1.0]))
+    result = sv.compare_sensitivities(prob, {"a": jnp.float32(0.5), "x0": jnp.float32(1.0)}, jnp.sum,
+                                      methods=[sv.Backprop()], repeats=1, verbose=False)
+    assert np.allclose(result.gradients[repr(sv.Backprop())], [-2 * np.exp(-0.5), 2 * np.exp(-0.5)], rtol=1e-9)
+
+
 def test_compare_sensitivities_raises_when_every_method_fails():
     prob = sv.ODEProblem(lambda t, x, p: -p["w"] * x, jnp.ones(2), 0.0, 1.0)
     with pytest.raises(Exception, match="step budget exhausted"):
