@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import warnings
 
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     from .config import ConfigError
     from .data import DataError
     from .submit import SubmitError
-    from .train import EXIT_PREEMPTED, Preempted, ResumeError, RunStopped
+    from .train import Preempted, ResumeError, RunStopped
 
     args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
@@ -184,7 +185,10 @@ def main(argv=None) -> int:
     except RunStopped as err:  # a failed step or a signal
         if err.root:  # not once per MPI rank
             print(f"ndde {args.command}: {err}", file=sys.stderr)
-        return EXIT_PREEMPTED if isinstance(err, Preempted) else EXIT_TRAINING
+        return err.exit_code if isinstance(err, Preempted) else EXIT_TRAINING
+    except KeyboardInterrupt:  # Ctrl-C before training began, or twice during it
+        print(f"\nndde {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

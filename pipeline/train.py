@@ -50,7 +50,13 @@ class ResumeError(RuntimeError):
 
 
 class Preempted(RunStopped):
-    """SIGUSR1/SIGTERM arrived; the current step finished and a checkpoint was written."""
+    """SIGUSR1/SIGTERM/SIGINT arrived; the current step finished and a checkpoint was written.
+    exit_code: EXIT_PREEMPTED, or 130 (the shell's code for Ctrl-C) after SIGINT, which the
+    batch script must not read as a request to requeue."""
+
+    def __init__(self, message, root=True, signal_name="SIGTERM"):
+        super().__init__(message, root)
+        self.exit_code = 128 + signal.SIGINT if signal_name == "SIGINT" else EXIT_PREEMPTED
 
 
 def slurm_attrs(env=None) -> dict:
@@ -84,15 +90,16 @@ def make_optimizer(job) -> optax.GradientTransformation:
 
 
 class _Signals:
-    """SIGUSR1 (Slurm's warning before preemption or the time limit) and SIGTERM: finish the
-    step, checkpoint, exit with EXIT_PREEMPTED."""
+    """SIGUSR1 (Slurm's warning before preemption or the time limit), SIGTERM and SIGINT (Ctrl-C):
+    finish the step, checkpoint, exit. A second SIGINT stops at once (KeyboardInterrupt)."""
 
-    def __init__(self):
+    def __init__(self, announce=True):
         self.received = None
         self._old = {}
+        self._announce = announce
 
     def __enter__(self):
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
@@ -100,6 +107,12 @@ class _Signals:
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self.received == "SIGINT":
+                raise KeyboardInterrupt
+            if self._announce:
+                print("\nndde: Ctrl-C: finishing this step to checkpoint it (Ctrl-C again stops at once, "
+                      "losing the steps since the newest checkpoint)", file=sys.stderr, flush=True)
         self.received = signal.Signals(signum).name
 
     def __exit__(self, *exc):
@@ -174,7 +187,7 @@ class Trainer:
                               "To train longer, start a new run (`ndde train`) with a larger train.steps")
         bar = _progress(job.name, start, total_steps, progress and self.backend.is_root)
         t_begin, done, saved, skipped, in_a_row = time.perf_counter(), 0, None, 0, 0
-        with _Signals() as signals:
+        with _Signals(announce=self.backend.is_root) as signals:
             for step in range(start + 1, total_steps + 1):
                 t = time.perf_counter()
                 red = self.backend.step(np.asarray(ravel_pytree(theta)[0]), step)
@@ -225,7 +238,7 @@ class Trainer:
                     bar.close()
                     where = f" to {saved}" if self.backend.is_root else ""
                     raise Preempted(f"{stop} received: checkpointed step {step}{where}; resume with "
-                                    f"`ndde resume {self.run_dir}`", root=self.backend.is_root)
+                                    f"`ndde resume {self.run_dir}`", root=self.backend.is_root, signal_name=stop)
         bar.close()
         elapsed = time.perf_counter() - t_begin
         newest = saved or (restored.path if restored else None)

@@ -328,6 +328,32 @@ def test_sigterm_checkpoints_the_current_step_and_exits_75(shared, tmp_path):
     assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
 
 
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_the_current_step_and_exits_130(shared, tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group: the driver and, with the
+    embedded Dask cluster, its worker processes. It used to end in a KeyboardInterrupt traceback
+    with up to checkpoint.every - 1 steps lost (and the workers died mid-step, leaving the
+    driver waiting for them). Now the workers ignore it and the driver finishes its step,
+    checkpoints it and exits 130 (not 75: the batch script must not requeue)."""
+    tmp, job, ref = shared
+    run = tmp_path / "run"
+    proc = subprocess.Popen([str(BIN / "ndde"), "train", str(job), "--run-dir", str(run), "--backend", "dask"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        _wait_for(lambda: _ckpt(run, 2).exists(), proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = proc.stderr.read().decode()
+    stopped = re.search(r"SIGINT received: checkpointed step (\d+) to ", err)
+    assert stopped and "Ctrl-C: finishing this step" in err and "Traceback" not in err, err
+    assert max(int(p.name[5:13]) for p in (run / "checkpoints").glob("step_*.h5")) == int(stopped.group(1)) < STEPS
+    ndde("resume", run)
+    assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
+
+
 def test_progress_bar_is_quiet_without_a_tty(shared, tmp_path):
     tmp, job, ref = shared
     result = ndde("train", job, "--run-dir", tmp_path / "run", "--steps", "2")

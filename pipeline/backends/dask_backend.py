@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import signal
 
+from distributed import WorkerPlugin
+
 from . import DriverBackend, reduce_in_order
 
 # distributed's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to every worker it spawns. Setting
@@ -19,6 +21,18 @@ _UNSET_MALLOC_TRIM_ENV = """export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON='{
 
 
 _PINNED = []
+
+
+class IgnoreCtrlC(WorkerPlugin):
+    """A worker plugin for the embedded cluster: its worker processes share the terminal's
+    process group, so Ctrl-C killed them mid-step (tracebacks, a lost step) while the driver
+    was finishing the step to checkpoint it. The driver alone handles SIGINT."""
+
+    def setup(self, worker):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _pin_once(index, shards, config_text):
@@ -97,6 +111,7 @@ class DaskBackend(DriverBackend):
                 self.cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                             host="127.0.0.1", dashboard_address=None, memory_limit=0)
             self.client = Client(self.cluster)
+            self.client.register_plugin(IgnoreCtrlC(), name="ndde-ignore-ctrl-c")
         self.client.wait_for_workers(workers if on_slurm else 1, timeout=600 if on_slurm else None)
 
     def _worker_of(self, shard: int):
