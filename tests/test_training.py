@@ -354,6 +354,26 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_130(shared, tmp_path):
     assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
 
 
+@pytest.mark.slow
+def test_a_run_directory_trains_in_one_process_at_a_time(shared, tmp_path):
+    """`ndde resume` of a run that is still training used to train the same steps again and
+    write over its checkpoints; now it is refused, naming the holder. The lock
+    goes with its process, however it ends (SIGKILL here)."""
+    tmp, job, ref = shared
+    run = tmp_path / "run"
+    proc = subprocess.Popen([str(BIN / "ndde"), "train", str(job), "--run-dir", str(run), "--steps", "1000000"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for(lambda: _ckpt(run, 2).exists(), proc)
+        result = ndde("resume", run, check=False, timeout=120)  # without the lock: trains to step 1000000
+        assert result.returncode == 2 and f"{run} is in use: pid {proc.pid} on " in result.stderr, result.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+    newest = max(int(p.name[5:13]) for p in (run / "checkpoints").glob("step_*.h5"))
+    assert json.loads(ndde("resume", run, "--steps", str(newest + 1)).stdout)["step"] == newest + 1
+
+
 def test_progress_bar_is_quiet_without_a_tty(shared, tmp_path):
     tmp, job, ref = shared
     result = ndde("train", job, "--run-dir", tmp_path / "run", "--steps", "2")
