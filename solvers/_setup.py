@@ -35,6 +35,7 @@ class Options:
     forward_only: bool = False  # jax.jvp / jax.jacfwd of the solve: the plain loop, no custom VJP
     grad_differentiated: bool = False  # jax.grad under jax.jvp (a Hessian-vector product, jax.hessian)
     rounding_hint: str = ""  # added to the step budget and underflow errors when rtol is near eps
+    dde: bool = False  # the step budget error says that a DDE's step is at most its smallest delay
 
     @property
     def on_error(self) -> str:

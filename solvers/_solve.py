@@ -37,7 +37,9 @@ def _error_messages(opts: Options) -> list[str]:
     msgs = [""] * 6
     msgs[MAX_STEPS] = (f"ndde: step budget exhausted: max_steps={max_steps} attempted steps did not "
                        "reach the end (t1; t0 for an adjoint's backward sweep, which also stops at every "
-                       "observation). Raise max_steps (solve(..., max_steps=...)) or loosen rtol/atol." + opts.rounding_hint)
+                       "observation). Raise max_steps (solve(..., max_steps=...)) or loosen rtol/atol."
+                       + (" A DDE's step is never longer than its smallest delay: [t0, t1] takes at least "
+                          "(t1 - t0) / min(delays) steps." if opts.dde else "") + opts.rounding_hint)
     msgs[UNDERFLOW] = ("ndde: step size underflow: the controller shrank the step below the "
                        "floating-point resolution of t. The problem is probably stiff (or the solution "
                        "has a singularity); an explicit method cannot integrate it at this tolerance." + opts.rounding_hint)
@@ -269,14 +271,26 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,
                    bool(land_on_saveat), bool(_track_breakpoints), throw, separate,
                    forward_only=forward_only, grad_differentiated=depth >= 2,
-                   rounding_hint=_rounding_hint(rtol, dtype))
+                   rounding_hint=_rounding_hint(rtol, dtype), dde=isinstance(prob, DDEProblem))
     if not _outside_jit_and_vmap((prob, p, saveat, dt0)):
         return _solve_traced(prob, p, saveat, dt0, opts, sensitivity)
     if isinstance(prob, DDEProblem) and _all_concrete(p):
-        delays_of(prob, p, dtype)  # a ValueError naming the delays, before anything compiles
+        taus = delays_of(prob, p, dtype)  # a ValueError naming the delays, before anything compiles
+        _check_budget_covers_the_delays(float(jnp.min(taus)), float(t0), float(t1), max_steps)
     # a float in p becomes a (weakly typed) array, so a new value reuses the compiled program
     p = floats_as_arrays(p)
     return _solve_compiled(prob, p, saveat, dt0, dataclasses.replace(opts, dt0=None), sensitivity)
+
+
+def _check_budget_covers_the_delays(tau_min: float, t0: float, t1: float, max_steps: int):
+    """A DDE's step is never longer than its smallest delay, so [t0, t1] takes at least
+    (t1 - t0) / min τ steps; a budget below that can only run out, after compiling (the check
+    inside the solve cannot name τ, which may be traced there)."""
+    need = math.ceil((t1 - t0) / tau_min - 1e-6)
+    if need > max_steps:
+        raise ValueError(f"ndde: a DDE step is never longer than the smallest delay (tau = {tau_min:g}), so "
+                         f"[{t0:g}, {t1:g}] takes at least {need} steps, above max_steps={max_steps}. Raise "
+                         "max_steps (solve(..., max_steps=...)), or use larger delays or a shorter interval.")
 
 
 def _rounding_hint(rtol: float, dtype) -> str:

@@ -33,6 +33,21 @@ def test_an_rtol_below_the_dtypes_resolution_is_named():
         sv.solve(_ode(lambda t, x, p: -x), None, rtol=1e-12, max_steps=3)
 
 
+def test_a_budget_below_what_the_smallest_delay_allows_is_named():
+    """A DDE's step is at most its smallest delay: τ = 1e-3 on [0, 10] needs 10000 steps. Eagerly
+    the solve says so before compiling; under jit (τ traced) the budget error says why."""
+    prob = _dde(None)
+    with pytest.raises(ValueError, match=r"smallest delay \(tau = 0.001\), so \[0, 5\] takes at least 5000 "
+                                         r"steps, above max_steps=4096"):
+        sv.solve(prob, jnp.array([1e-3]))
+    assert int(sv.solve(prob, jnp.array([0.1]), max_steps=60).stats["steps"]) >= 50  # 50 allowed: no refusal
+    with pytest.raises(ValueError, match="takes at least 50 steps, above max_steps=49"):
+        sv.solve(prob, jnp.array([0.1]), max_steps=49)
+    with pytest.raises(Exception, match=r"max_steps=4096 .* A DDE's step is never longer than its "
+                                                      r"smallest delay: \[t0, t1\] takes at least \(t1 - t0\)"):
+        jax.jit(lambda tau: sv.solve(prob, tau).ys)(jnp.array([1e-3]))
+
+
 def test_step_size_underflow_says_stiff():
     with pytest.raises(eqx.EquinoxRuntimeError, match=r"step size underflow.*stiff"):
         sv.solve(_ode(lambda t, x, p: x**2), None)  # blows up at t = 1
