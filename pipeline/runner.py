@@ -3,11 +3,7 @@ backend, run the Trainer. The CLI and the tests call these two functions."""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import pathlib
-import socket
 import sys
 import warnings
 
@@ -15,6 +11,7 @@ from . import config as config_mod
 from .backends import make_backend
 from .checkpoint import CheckpointManager
 from .data import ensure
+from .runlock import only_run_in
 from .train import Trainer
 
 
@@ -58,42 +55,8 @@ def _data(job, comm):
     return job.replace("data", path=str(path.resolve())), str(path.resolve())
 
 
-@contextlib.contextmanager
-def _only_run_in(run_dir: pathlib.Path, comm):
-    """One training process (rank 0 of it) per run directory: a second `ndde resume` of a run that
-    is still training (in another terminal, or as a Slurm job) would train the same steps again and
-    write over its checkpoints. An flock on RUN_DIR/.lock, which the kernel releases when the
-    holder exits, however it exits; where the file system has no locks, a warning."""
-    handle, refused = None, None
-    if comm is None or comm.Get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(run_dir / ".lock", "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-            handle.flush()
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "a process"
-            refused = (f"{run_dir} is in use: {holder} is training it ({run_dir / '.lock'}). Wait for it "
-                       "(`ndde status` for a Slurm job), stop it, or choose another --run-dir")
-        except OSError as err:  # e.g. ENOLCK on an NFS mount without a lock daemon
-            warnings.warn(f"cannot lock {run_dir / '.lock'} ({err}); make sure no other process trains {run_dir}")
-    if comm is not None:
-        refused = comm.bcast(refused, root=0)
-    try:
-        if refused:
-            raise FileExistsError(refused)
-        yield
-    finally:
-        if handle is not None:
-            handle.close()
-
-
 def _run(job, run_dir, comm, total_steps, restore, progress, extra_attrs=None):
-    with _only_run_in(run_dir, comm):
+    with only_run_in(run_dir, comm):
         return _run_locked(job, run_dir, comm, total_steps, restore, progress, extra_attrs)
 
 

@@ -18,6 +18,7 @@ import sys
 
 from . import config as config_mod
 from .checkpoint import CheckpointManager
+from .runlock import training_now
 
 TEMPLATE = pathlib.Path(__file__).resolve().parent.parent / "slurm" / "ndde.sbatch.in"
 
@@ -186,6 +187,8 @@ def status(run_dir) -> str:
                      f"reason {fields.get('Reason', '?')}")
     else:
         lines.append("not submitted to Slurm (no slurm_job_id file)")
+    holder = training_now(run_dir)
+    lines.append(f"training now: {holder}" if holder else f"not training now (no process holds {run_dir / '.lock'})")
     manager = CheckpointManager(run_dir / "checkpoints")
     step = manager.latest_valid_step()
     lines.append(f"newest checkpoint: {manager.path(step) if step is not None else 'none'}")

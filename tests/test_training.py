@@ -357,7 +357,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_130(shared, tmp_path):
 @pytest.mark.slow
 def test_a_run_directory_trains_in_one_process_at_a_time(shared, tmp_path):
     """`ndde resume` of a run that is still training used to train the same steps again and
-    write over its checkpoints; now it is refused, naming the holder. The lock
+    write over its checkpoints; now it is refused, naming the holder, whom `ndde status` names too. The lock
     goes with its process, however it ends (SIGKILL here)."""
     tmp, job, ref = shared
     run = tmp_path / "run"
@@ -367,9 +367,11 @@ def test_a_run_directory_trains_in_one_process_at_a_time(shared, tmp_path):
         _wait_for(lambda: _ckpt(run, 2).exists(), proc)
         result = ndde("resume", run, check=False, timeout=120)  # without the lock: trains to step 1000000
         assert result.returncode == 2 and f"{run} is in use: pid {proc.pid} on " in result.stderr, result.stderr
+        assert f"training now: pid {proc.pid} on " in ndde("status", run).stdout
     finally:
         proc.kill()
         proc.wait()
+    assert "not training now (no process holds " in ndde("status", run).stdout
     newest = max(int(p.name[5:13]) for p in (run / "checkpoints").glob("step_*.h5"))
     assert json.loads(ndde("resume", run, "--steps", str(newest + 1)).stdout)["step"] == newest + 1
 
