@@ -276,7 +276,8 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         return _solve_traced(prob, p, saveat, dt0, opts, sensitivity)
     if isinstance(prob, DDEProblem) and _all_concrete(p):
         taus = delays_of(prob, p, dtype)  # a ValueError naming the delays, before anything compiles
-        _check_budget_covers_the_delays(float(jnp.min(taus)), float(t0), float(t1), max_steps)
+        if is_concrete(t0) and is_concrete(t1):  # not under an eager jax.grad with respect to them
+            _check_budget_covers_the_delays(float(jnp.min(taus)), float(t0), float(t1), max_steps)
     # a float in p becomes a (weakly typed) array, so a new value reuses the compiled program
     p = floats_as_arrays(p)
     return _solve_compiled(prob, p, saveat, dt0, dataclasses.replace(opts, dt0=None), sensitivity)

@@ -46,6 +46,10 @@ def test_a_budget_below_what_the_smallest_delay_allows_is_named():
     with pytest.raises(Exception, match=r"max_steps=4096 .* A DDE's step is never longer than its "
                                                       r"smallest delay: \[t0, t1\] takes at least \(t1 - t0\)"):
         jax.jit(lambda tau: sv.solve(prob, tau).ys)(jnp.array([1e-3]))
+    # the check reads t0 and t1 only where they are concrete: not under an eager jax.grad in t1
+    x_T = lambda t1: sv.solve(sv.DDEProblem(prob.rhs, prob.history, prob.delays, 0.0, t1), jnp.array([0.5]),
+                              sensitivity=sv.Backprop(), rtol=1e-10, atol=1e-12).ys[-1]
+    assert abs(float(jax.grad(x_T)(2.0)) - 1 / 48) < 1e-9  # dx(T)/dT = x'(2) = -x(1.5) = 1/48
 
 
 def test_step_size_underflow_says_stiff():
