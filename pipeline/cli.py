@@ -180,7 +180,8 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ConfigError, DataError, ResumeError, CheckpointError, FileExistsError, FileNotFoundError,
             SubmitError) as err:
-        print(f"ndde {args.command}: error: {err}", file=sys.stderr)
+        if getattr(err, "root", True):  # an error every MPI rank raises alike is printed once
+            print(f"ndde {args.command}: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except RunStopped as err:  # a failed step or a signal
         if err.root:  # not once per MPI rank

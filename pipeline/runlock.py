@@ -36,7 +36,9 @@ def only_run_in(run_dir: pathlib.Path, comm):
         refused = comm.bcast(refused, root=0)
     try:
         if refused:
-            raise FileExistsError(refused)
+            err = FileExistsError(refused)
+            err.root = comm is None or comm.Get_rank() == 0  # every rank raises it; rank 0 reports it
+            raise err
         yield
     finally:
         if handle is not None:

@@ -41,7 +41,13 @@ def resolve(job, backend=None, workers=None, scheduler=None, steps=None):
     comm = None
     if job.backend.kind == "mpi":
         job, comm = _mpi_prepare(job)
-    config_mod.check_consistent(job)
+    try:
+        config_mod.check_consistent(job)
+    except config_mod.ConfigError as err:  # the same on every rank: reported by rank 0 alone
+        if comm is not None:
+            err = config_mod.ConfigError(f"{err} (under MPI, backend.workers is the number of ranks)")
+        err.root = comm is None or comm.Get_rank() == 0
+        raise err from None
     return job, comm
 
 
