@@ -38,6 +38,13 @@ def _data(args):
     from . import config, data
 
     job = config.load(args.job, args.set)
+    existing = None if args.force else data.existing_file_for(job, args.out or job.data_path)
+    if existing == "":
+        print(f"{args.out or job.data_path} is up to date: generated for this data section already (kept; "
+              "--force regenerates it)")
+        return 0
+    if existing:
+        raise data.DataError(existing)
     path = data.generate(job, args.out)
     info = data.validate(path, job)
     print(f"wrote {path}: {info['n']} trajectories x {info['n_times']} times ({job.data.system})")
@@ -151,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="generate a job's HDF5 data file")
     p.add_argument("job")
     p.add_argument("--out", help="file to write (default: the job's data.path)")
+    p.add_argument("--force", action="store_true", help="overwrite a file that holds other data")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.set_defaults(func=_data)
     p = sub.add_parser("report", help="write RUN_DIR/report.png: loss, held-out fit, learned tau")

@@ -156,7 +156,7 @@ def _check_generated_for(d, attrs, ts, path):
     diffs = [f"data.{k} = {getattr(d, k)!r}, the file's {v!r}" for k, v in made.items() if getattr(d, k) != v]
     if diffs:
         raise DataError(f"data file {path} was generated for another data section ({'; '.join(diffs)}): "
-                        "regenerate it with `ndde data JOB.toml` (overwrites it) or set data.path to a new file")
+                        "regenerate it with `ndde data JOB.toml --force` (overwrites it) or set data.path to a new file")
 
 
 def digest(path) -> str:
@@ -182,6 +182,26 @@ def shard_bounds(n_train: int, shards: int, shard: int) -> tuple[int, int]:
     """Contiguous block of the training rows owned by ``shard`` (sizes differ by at most 1)."""
     edges = np.linspace(0, n_train, shards + 1).round().astype(int)
     return int(edges[shard]), int(edges[shard + 1])
+
+
+def existing_file_for(job: JobConfig, path) -> str | None:
+    """None when ``path`` is missing; "" when it holds what `ndde data` would write for the job
+    (generated for its data section, same size); else why overwriting it would lose something."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return None
+    keep = ("pass --force to overwrite it (a run trained on it can then no longer resume), or --out "
+            "to write elsewhere")
+    try:
+        info = validate(path, job)
+    except DataError as err:
+        text = str(err)
+        return text if "--force" in text else f"{text}; {keep}"
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != "ndde-data":
+            return f"{path} holds data that `ndde data` did not write (your own?): {keep}"
+    n = job.data.n_train + job.data.n_test
+    return "" if info["n"] == n else f"{path} holds {info['n']} trajectories, the job makes {n}: {keep}"
 
 
 def ensure(job: JobConfig) -> pathlib.Path:

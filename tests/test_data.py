@@ -91,6 +91,28 @@ def test_a_generated_file_is_refused_for_another_data_section(tmp_path, tiny):
     assert data.validate(path, job.replace("data", n_train=4, n_test=1)) == {"n": 10, "n_times": 6}
 
 
+def test_ndde_data_keeps_a_file_that_holds_other_data(tmp_path, tiny):
+    """`ndde data` overwrote whatever was at the path: the user's own data, or the file a run was
+    trained on (which then could not resume). It now writes a missing file, keeps one that is
+    what it would write, and refuses anything else without --force."""
+    from tests.pipeline_helpers import ndde
+
+    job_file = tiny_job(tmp_path, data=tmp_path / "d.h5")
+    first = ndde("data", job_file)
+    assert first.stdout.startswith(f"wrote {tmp_path / 'd.h5'}: 10 trajectories")
+    before = data.digest(tmp_path / "d.h5")
+    assert "is up to date" in ndde("data", job_file).stdout
+    refused = ndde("data", job_file, "--set", "data.noise=0.1", check=False)
+    assert refused.returncode == 2 and "generated for another data section (data.noise = 0.1" in refused.stderr
+    assert data.digest(tmp_path / "d.h5") == before  # untouched
+    own = _broken_copy(tmp_path, tiny[1], lambda f: None)  # a file ndde did not write
+    refused = ndde("data", job_file, "--out", own, check=False)
+    assert refused.returncode == 2 and "holds data that `ndde data` did not write" in refused.stderr
+    assert "--force" in refused.stderr
+    ndde("data", job_file, "--set", "data.noise=0.1", "--force")
+    assert data.digest(tmp_path / "d.h5") != before
+
+
 def test_shards_partition_the_training_rows():
     for n, shards in [(8, 2), (10, 3), (1024, 4), (7, 7)]:
         blocks = [data.shard_bounds(n, shards, w) for w in range(shards)]
