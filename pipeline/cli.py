@@ -186,8 +186,9 @@ def main(argv=None) -> int:
     warnings.simplefilter("default")
     try:
         return args.func(args)
-    except (ConfigError, DataError, ResumeError, CheckpointError, FileExistsError, FileNotFoundError,
-            SubmitError) as err:
+    except (ConfigError, DataError, ResumeError, CheckpointError, OSError, SubmitError) as err:
+        # OSError: a path that cannot be written or read (permissions, a full disk, a missing
+        # directory), FileExistsError and FileNotFoundError included
         if getattr(err, "root", True):  # an error every MPI rank raises alike is printed once
             print(f"ndde {args.command}: error: {err}", file=sys.stderr)
         return EXIT_CONFIG

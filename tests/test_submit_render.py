@@ -162,3 +162,7 @@ def test_a_run_dir_that_is_a_file_is_named(tmp_path):
     for cmd in (["train", job], ["submit", job, "--backend", "mpi", "--dry-run"]):
         result = ndde(*cmd, "--run-dir", tmp_path / "afile", check=False)
         assert result.returncode == 2 and f"--run-dir {tmp_path / 'afile'} is a file, not a directory" in result.stderr
+    # a path that cannot be made (below a file) is an error, not a NotADirectoryError traceback
+    result = ndde("train", job, "--run-dir", tmp_path / "afile" / "run", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"ndde train: error: [Errno 20] Not a directory: '{tmp_path / 'afile' / 'run'}'")
