@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .checkpoint import CheckpointManager
-from .data import read_rows
+from .checkpoint import CheckpointManager, read_attrs
+from .data import digest, read_rows, validate
 from .models import build_model
 from .runner import load_run_job
 from .shard import error_line
@@ -33,6 +33,16 @@ def held_out_prediction(job, params, n_show=3, n_fine=200):
     return np.asarray(ts), ys_true[:n_show], np.asarray(fine), np.asarray(predict(first, fine)), mse
 
 
+def _data_changed(data_path, checkpoint) -> str | None:
+    """Why the held-out fit would be drawn against other data than the run's, or None: the file's
+    contents differ from those the checkpoint recorded (regenerated with another noise, say)."""
+    recorded = read_attrs(checkpoint).get("data_sha256")
+    if recorded is None or recorded == digest(data_path):
+        return None
+    return (f"the contents of {data_path} changed since {pathlib.Path(checkpoint).name} was written (its sha256 "
+            "differs from the checkpoint's data_sha256): the held-out fit would be against other data")
+
+
 def write_report(run_dir) -> str:
     import matplotlib
 
@@ -49,11 +59,13 @@ def write_report(run_dir) -> str:
     theta0 = model.init(jax.random.PRNGKey(job.model.seed))
     restored = manager.restore(step, theta0, make_optimizer(job).init(theta0))
     params = jax.tree_util.tree_map(jnp.asarray, restored.params)
-    try:
-        ts, ys_true, fine, ys_pred, mse = held_out_prediction(job, params)
-        failure = None
-    except RuntimeError as err:  # the model cannot be solved at these parameters (a delay thrown far out)
-        failure = error_line(err)
+    validate(job.data_path, job)  # a missing or misshapen data file is an error naming it
+    failure, title = _data_changed(job.data_path, manager.path(step)), "the data file changed"
+    if failure is None:
+        try:
+            ts, ys_true, fine, ys_pred, mse = held_out_prediction(job, params)
+        except RuntimeError as err:  # the model cannot be solved at these parameters (a delay thrown far out)
+            failure, title = error_line(err), "the model's solve failed"
     m = restored.metrics
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -69,7 +81,7 @@ def write_report(run_dir) -> str:
         axes[1].legend()
     else:
         axes[1].text(0.02, 0.5, textwrap.fill(failure, 60), transform=axes[1].transAxes, va="center", fontsize=8)
-        axes[1].set(title="held-out trajectories: the model's solve failed", xticks=[], yticks=[])
+        axes[1].set(title=f"held-out trajectories: {title}", xticks=[], yticks=[])
     if "tau" in m and np.any(np.isfinite(m["tau"])):
         axes[2].plot(steps, m["tau"])
         axes[2].set(title="learned delay τ", xlabel="step", ylabel="τ")

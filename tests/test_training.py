@@ -297,6 +297,21 @@ def test_report_and_inspect(shared):
         assert result.returncode == 2 and f"{path} {what}: give a checkpoint" in result.stderr, result.stderr
 
 
+def test_report_refuses_to_fit_against_changed_or_missing_data(tmp_path):
+    """The held-out fit was drawn against whatever the data file held by then (regenerated with
+    another noise, say) without a word, and a missing file ended in h5py's errno text."""
+    job = tiny_job(tmp_path, steps=2, data=tmp_path / "d.h5")
+    ndde("train", job, "--run-dir", tmp_path / "run")
+    assert "held-out MSE" in ndde("report", tmp_path / "run").stdout
+    with h5py.File(tmp_path / "d.h5", "r+") as f:
+        f["ys"][-1] = f["ys"][-1] + 1e-3  # a held-out row
+    out = ndde("report", tmp_path / "run").stdout
+    assert f"no held-out fit: the contents of {tmp_path / 'd.h5'} changed since step_00000002.h5" in out, out
+    (tmp_path / "d.h5").unlink()
+    result = ndde("report", tmp_path / "run", check=False)
+    assert result.returncode == 2 and f"data file {tmp_path / 'd.h5'} does not exist" in result.stderr
+
+
 @pytest.mark.slow
 def test_gradcheck_methods_agree_with_finite_differences(shared):
     tmp, job, ref = shared
