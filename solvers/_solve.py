@@ -266,6 +266,13 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
         raise ValueError(f"saveat must be a non-empty 1-D array of times, got shape {saveat.shape}")
     if throw and is_concrete(saveat) and is_concrete(t0) and is_concrete(t1):
         _check_saveat([float(t) for t in np.asarray(saveat)], float(t0), float(t1))  # the traced check names no value
+    if land_on_saveat and is_concrete(saveat) and is_concrete(t0):
+        landings = int(np.sum(np.asarray(saveat) > float(t0)))  # a step ends on each save time after t0
+        if landings > max_steps:
+            raise ValueError(f"ndde: the solve lands a step on each of saveat's {landings} times after t0, above "
+                             f"max_steps={max_steps}: raise max_steps (solve(..., max_steps=...)) or read them from "
+                             "the dense output (land_on_saveat=False; an adjoint's backward sweep still stops at "
+                             "each of them)")
     separate = isinstance(prob, DDEProblem) and _delays_are_traced(prob, p)
     depth, forward_only = differentiation((prob, p, saveat, dt0))
     opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,

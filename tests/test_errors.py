@@ -52,6 +52,17 @@ def test_a_budget_below_what_the_smallest_delay_allows_is_named():
     assert abs(float(jax.grad(x_T)(2.0)) - 1 / 48) < 1e-9  # dx(T)/dT = x'(2) = -x(1.5) = 1/48
 
 
+def test_more_save_times_than_max_steps_is_named():
+    """Landing on each save time takes a step per save time after t0: 4999 of them ran out of
+    the 4096-step budget after compiling, with the advice to loosen rtol, which cannot help."""
+    prob = _ode(lambda t, x, p: -x, t1=1.0)
+    with pytest.raises(ValueError, match=r"lands a step on each of saveat's 4999 times after t0, above "
+                                         r"max_steps=4096: .*land_on_saveat=False"):
+        sv.solve(prob, None, saveat=jnp.linspace(0.0, 1.0, 5000))
+    assert int(sv.solve(prob, None, saveat=jnp.linspace(0.0, 1.0, 4097)).stats["steps"]) == 4096  # the bound is tight
+    assert sv.solve(prob, None, saveat=jnp.linspace(0.0, 1.0, 5000), land_on_saveat=False).ys.shape == (5000, 1)
+
+
 def test_step_size_underflow_says_stiff():
     with pytest.raises(eqx.EquinoxRuntimeError, match=r"step size underflow.*stiff"):
         sv.solve(_ode(lambda t, x, p: x**2), None)  # blows up at t = 1
