@@ -44,7 +44,7 @@ def resolve(job, backend=None, workers=None, scheduler=None, steps=None):
     try:
         config_mod.check_consistent(job)
     except config_mod.ConfigError as err:  # the same on every rank: reported by rank 0 alone
-        if comm is not None:
+        if comm is not None and "backend.workers" in str(err):
             err = config_mod.ConfigError(f"{err} (under MPI, backend.workers is the number of ranks)")
         err.root = comm is None or comm.Get_rank() == 0
         raise err from None
