@@ -175,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launcher_rank() -> int:
+    """This process's rank as mpiexec or srun set it (0 outside MPI): a job file's ConfigError
+    comes before MPI starts, the same on every rank, and rank 0 alone reports it."""
+    import os
+
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
@@ -189,8 +200,8 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, ResumeError, CheckpointError, OSError, SubmitError) as err:
         # OSError: a path that cannot be written or read (permissions, a full disk, a missing
         # directory), FileExistsError and FileNotFoundError included
-        if getattr(err, "root", True):  # an error every MPI rank raises alike is printed once
-            print(f"ndde {args.command}: error: {err}", file=sys.stderr)
+        if getattr(err, "root", not isinstance(err, ConfigError) or _launcher_rank() == 0):
+            print(f"ndde {args.command}: error: {err}", file=sys.stderr)  # once for what every MPI rank raises alike
         return EXIT_CONFIG
     except RunStopped as err:  # a failed step or a signal
         if err.root:  # not once per MPI rank

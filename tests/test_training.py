@@ -246,12 +246,16 @@ def test_nan_gradient_stops_naming_the_step_and_keeps_good_checkpoints(shared, t
 
 def test_an_error_every_mpi_rank_raises_is_printed_once(shared, tmp_path):
     """3 ranks for a batch of 4 printed the same ConfigError three times, naming backend.workers,
-    which the job did not set (the rank count replaces it)."""
+    which the job did not set (the rank count replaces it); a bad job file, once per rank too."""
     tmp, job, ref = shared
     result = ndde("train", job, "--run-dir", tmp_path / "run", "--backend", "mpi", mpi_ranks=3, check=False)
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("error: train.batch_size 4 must be a multiple of backend.workers 3") == 1, result.stderr
     assert "(under MPI, backend.workers is the number of ranks)" in result.stderr
+    # an error in the job itself comes before MPI starts (rank 0 is known from mpiexec's PMI_RANK)
+    result = ndde("train", job, "--run-dir", tmp_path / "run", "--backend", "mpi", "--set", 'data.system="mackey_glass"',
+                  mpi_ranks=2, check=False)
+    assert result.returncode == 2 and result.stderr.count("does not fit model.kind 'hnn'") == 1, result.stderr
 
 
 def test_solver_failure_stops_with_its_message(shared, tmp_path):
