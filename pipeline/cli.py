@@ -38,14 +38,14 @@ def _data(args):
     from . import config, data
 
     job = config.load(args.job, args.set)
-    existing = None if args.force else data.existing_file_for(job, args.out or job.data_path)
+    target = args.out or job.data_path
+    existing = None if args.force else data.existing_file_for(job, target)
     if existing == "":
-        print(f"{args.out or job.data_path} is up to date: generated for this data section already (kept; "
-              "--force regenerates it)")
+        print(f"{target} is up to date: generated for this data section already (kept; --force regenerates it)")
         return 0
     if existing:
         raise data.DataError(existing)
-    path = data.generate(job, args.out)
+    path = data.generate(job, target)
     info = data.validate(path, job)
     print(f"wrote {path}: {info['n']} trajectories x {info['n_times']} times ({job.data.system})")
     return 0
@@ -175,21 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _launcher_rank() -> int:
-    """This process's rank as mpiexec or srun set it (0 outside MPI): a job file's ConfigError
-    comes before MPI starts, the same on every rank, and rank 0 alone reports it."""
-    import os
-
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
 def main(argv=None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .devices import world_rank
     from .submit import SubmitError
     from .train import Preempted, ResumeError, RunStopped
 
@@ -200,8 +190,9 @@ def main(argv=None) -> int:
     except (ConfigError, DataError, ResumeError, CheckpointError, OSError, SubmitError) as err:
         # OSError: a path that cannot be written or read (permissions, a full disk, a missing
         # directory), FileExistsError and FileNotFoundError included
-        if getattr(err, "root", not isinstance(err, ConfigError) or _launcher_rank() == 0):
-            print(f"ndde {args.command}: error: {err}", file=sys.stderr)  # once for what every MPI rank raises alike
+        # a job file's ConfigError comes alike on every MPI rank, before MPI starts: rank 0 reports it
+        if getattr(err, "root", not isinstance(err, ConfigError) or world_rank() in (None, 0)):
+            print(f"ndde {args.command}: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
     except RunStopped as err:  # a failed step or a signal
         if err.root:  # not once per MPI rank

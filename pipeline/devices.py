@@ -13,15 +13,25 @@ import os
 import pathlib
 
 LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
+WORLD_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "SLURM_PROCID")
+
+
+def _rank_from(names, env) -> int | None:
+    env = os.environ if env is None else env
+    for var in names:
+        if env.get(var, "").strip().isdigit():
+            return int(env[var])
+    return None
 
 
 def local_rank(env=None) -> int | None:
     """The process's rank on its node from the launcher's variables (MPICH, Open MPI, Slurm)."""
-    env = os.environ if env is None else env
-    for var in LOCAL_RANK_VARS:
-        if env.get(var, "").strip().isdigit():
-            return int(env[var])
-    return None
+    return _rank_from(LOCAL_RANK_VARS, env)
+
+
+def world_rank(env=None) -> int | None:
+    """The process's rank among all ranks from the launcher's variables, before MPI starts."""
+    return _rank_from(WORLD_RANK_VARS, env)
 
 
 def visible_gpus(env=None, proc_root="/proc/driver/nvidia/gpus") -> list[str]:

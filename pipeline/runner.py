@@ -43,11 +43,10 @@ def resolve(job, backend=None, workers=None, scheduler=None, steps=None):
         job, comm = _mpi_prepare(job)
     try:
         config_mod.check_consistent(job)
-    except config_mod.ConfigError as err:  # the same on every rank: reported by rank 0 alone
+    except config_mod.ConfigError as err:
         if comm is not None and "backend.workers" in str(err):
-            err = config_mod.ConfigError(f"{err} (under MPI, backend.workers is the number of ranks)")
-        err.root = comm is None or comm.Get_rank() == 0
-        raise err from None
+            raise config_mod.ConfigError(f"{err} (under MPI, backend.workers is the number of ranks)") from None
+        raise
     return job, comm
 
 
