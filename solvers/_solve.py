@@ -68,6 +68,21 @@ NONFINITE_GRADIENT = ("ndde: the gradient came out NaN or inf although the solve
                       "gradient instead of raising.")
 
 
+NONFINITE_LOSS_DERIVATIVE = (
+    "ndde: the loss's derivative with respect to the solution ys (the cotangent the backward pass starts from) "
+    "is NaN or inf although the solve succeeded: the loss, not the solve, is non-finite there (e.g. jnp.sqrt or "
+    "jnp.log of a value that is 0 at the solution, jnp.linalg.norm of a zero residual). "
+    "jax.config.update('jax_debug_nans', True) finds the operation; throw=False returns the NaN gradient "
+    "instead of raising.")
+
+
+def check_loss_cotangent(ct_ys, status, on_error):
+    """ct_ys, with NONFINITE_LOSS_DERIVATIVE when it holds a NaN or inf and the forward solve
+    succeeded (a failed solve's own error comes first): a backward sweep started from it would
+    report a NaN adjoint state, as if the rhs's derivative were at fault."""
+    return fail_if(ct_ys, ~_all_finite(ct_ys) & (status == OK), NONFINITE_LOSS_DERIVATIVE, on_error)
+
+
 def _all_finite(tree):
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)] + [True]))
 
@@ -116,6 +131,7 @@ def _checks_fwd(ys, y_final, status, overflowed, msgs, on_error):
 def _checks_bwd(msgs, on_error, res, ct):
     status, overflowed, zero = res
     ct = fail_if(ct, status != OK, list(msgs), on_error, status)
+    ct = check_loss_cotangent(ct, status, on_error)
     ct = fail_if(ct, overflowed, "ndde: Backprop cannot differentiate this solve: a rejected step attempt "
                  "overflowed (a stage of inf or NaN), and reverse mode through it makes every gradient "
                  "NaN. Start with a smaller step (solve(..., dt0=...)) or use InterpolatingAdjoint(), "

@@ -316,6 +316,25 @@ def test_a_non_finite_derivative_of_the_rhs_is_an_error_not_a_nan_gradient(sensi
 
 @pytest.mark.parametrize("sensitivity", [sv.Backprop(), sv.ForwardMode(), sv.BacksolveAdjoint(),
                                          sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()], ids=repr)
+def test_a_non_finite_derivative_of_the_loss_is_named_as_the_loss(sensitivity):
+    """A loss whose derivative is NaN at the solution (jnp.sqrt of 0). The adjoints said "NaN or
+    inf in the state ... there the rhs's derivative was non-finite", blaming the rhs, and Backprop
+    said only that the gradient came out NaN; each now names the loss's derivative. ForwardMode's
+    rule is a custom JVP (so that jax.linearize can evaluate it) and never sees the loss's
+    cotangent: it returns the NaN gradient, as JAX does for the loss itself."""
+    prob = sv.ODEProblem(lambda t, x, p: -p * x, jnp.ones(2), 0.0, 1.0)
+    grad = lambda throw: jax.jit(jax.grad(lambda w: jnp.sum(jnp.sqrt(0.0 * sv.solve(
+        prob, w, saveat=jnp.array([0.5, 1.0]), sensitivity=sensitivity, throw=throw).ys))))
+    if isinstance(sensitivity, sv.ForwardMode):
+        assert bool(jnp.isnan(grad(True)(0.9)))
+    else:
+        with pytest.raises(Exception, match=r"ndde: the loss's derivative with respect to the solution ys"):
+            jax.block_until_ready(grad(True)(0.9))
+    assert bool(jnp.isnan(grad(False)(0.9)))
+
+
+@pytest.mark.parametrize("sensitivity", [sv.Backprop(), sv.ForwardMode(), sv.BacksolveAdjoint(),
+                                         sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()], ids=repr)
 def test_throw_false_under_vmap_makes_only_the_failing_trajectories_nan(sensitivity):
     """Four trajectories: w = 0.5 has a NaN derivative (sqrt at 0), w = 200 needs 94 steps and
     gets 20; both come out NaN, the other two keep their exact gradient (to 1e-6 at rtol 1e-6).

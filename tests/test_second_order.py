@@ -156,6 +156,25 @@ def test_jvp_and_jacfwd_of_the_solve(refcases):
     assert np.isnan(y).all() and np.isnan(dy).all()
 
 
+def test_forward_mode_under_linearize_and_a_hidden_jvp(refcases):
+    """jax.linearize of the solve (optimistix's least squares with jac="fwd" builds on it) and
+    jax.jacfwd of a jitted solve reach the sensitivity's own derivative rule. Every method's was
+    a custom VJP, which JAX cannot linearize ("can't apply forward-mode autodiff (jvp) to a
+    custom_vjp function"); ForwardMode's is now a custom JVP (its Jacobian times the tangents), so
+    both work with it. x(T)'s derivatives are refcase A_jump's exact gradient, eager and jitted,
+    and the linearization's transpose is that gradient too."""
+    case = refcases["A_jump"]
+    p = refcase_params(case)
+    x_T = lambda p: sv.solve(linear_dde(case["T"]), p, rtol=1e-10, atol=1e-12, sensitivity=sv.ForwardMode()).ys[-1]
+    basis = lambda k: {j: jnp.asarray(float(j == k)) for j in p}
+    _, lin = jax.linearize(x_T, p)
+    assert_close({k: lin(basis(k)) for k in p}, case["grad_xT"], name="linearize")
+    jitted = jax.jit(lambda p, v: jax.linearize(x_T, p)[1](v))
+    assert_close({k: jitted(p, basis(k)) for k in p}, case["grad_xT"], name="jit(linearize)")
+    assert_close(jax.jacfwd(jax.jit(x_T))(p), case["grad_xT"], name="jacfwd(jit)")
+    assert_close(jax.linear_transpose(lin, p)(jnp.asarray(1.0))[0], case["grad_xT"], name="linear_transpose")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sensitivity", [sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()], ids=ids)
 def test_dde_hessian_where_the_solve_cannot_see_jax_jvp(refcases, sensitivity):

@@ -47,7 +47,7 @@ from ._objects import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint
 
 
 def adjoint_solve(prob, p, saveat, opts, sens):
-    from .._solve import check_status, stats_of
+    from .._solve import check_loss_cotangent, check_status, stats_of
 
     is_dde = isinstance(prob, DDEProblem)
     arrays, static = _closure.split(prob, p)  # the problem's own arrays travel as explicit inputs
@@ -126,6 +126,8 @@ def adjoint_solve(prob, p, saveat, opts, sens):
     def bwd(res, ct):
         p, saveat, diff, const, (sweep_residual, pullback), ys = res
         ct_ys = _closure.instantiate(ct[0])
+        status = sweep_residual[-1] if sweep_residual is not None else _forward.OK
+        ct_ys = check_loss_cotangent(ct_ys, status, opts.on_error)
         if pullback is not None:
             grad = pullback(ct_ys)[0]
         else:

@@ -81,9 +81,7 @@ def by_perturbation(arrays, static):
     prob = eqx.combine(arrays, static)
     for name in ("t0", "t1"):
         value = getattr(prob, name)
-        if isinstance(value, CustomVJPPrimal) and value.perturbed:
-            raise ValueError(f"ndde: differentiating with respect to the problem's {name} is not supported "
-                             "by ForwardMode or the continuous adjoints; use sensitivity=Backprop()")
+        refuse_time_derivative(prob, name, isinstance(value, CustomVJPPrimal) and value.perturbed)
     is_primal = lambda x: isinstance(x, CustomVJPPrimal)
     diff = jax.tree_util.tree_map(lambda c: c.value if c.perturbed else None, arrays, is_leaf=is_primal)
     const = jax.tree_util.tree_map(lambda c: None if c.perturbed else c.value, arrays, is_leaf=is_primal)
@@ -95,10 +93,19 @@ def saveat_perturbed(saveat, prob) -> bool:
     their cotangent is exact (``saveat_cotangent``); a DDE's x' may jump at a save time (a
     breakpoint), so there it is refused rather than returned as a silent zero."""
     perturbed = isinstance(saveat, CustomVJPPrimal) and saveat.perturbed
-    if perturbed and isinstance(prob, DDEProblem):
+    refuse_time_derivative(prob, "saveat", perturbed)
+    return perturbed
+
+
+def refuse_time_derivative(prob, name, moves: bool):
+    """The error for a derivative ForwardMode and the continuous adjoints do not give: with
+    respect to the problem's t0 or t1 (name), or a DDE's save times (name "saveat")."""
+    if moves and name in ("t0", "t1"):
+        raise ValueError(f"ndde: differentiating with respect to the problem's {name} is not supported "
+                         "by ForwardMode or the continuous adjoints; use sensitivity=Backprop()")
+    if moves and name == "saveat" and isinstance(prob, DDEProblem):
         raise ValueError("ndde: differentiating a DDE's solution with respect to the save times is not supported "
                          "by ForwardMode or the continuous adjoints; use sensitivity=Backprop()")
-    return perturbed
 
 
 def saveat_cotangent(prob, p, saveat, ys, ct_ys):

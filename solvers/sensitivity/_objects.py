@@ -3,7 +3,7 @@
 | object | family | ODE | DDE |
 |---|---|---|---|
 | Backprop(checkpoints) | discretize-then-optimize: reverse through the accepted steps | yes | yes |
-| ForwardMode() | forward sensitivities (jvp through the solver), contracted in reverse | yes | yes |
+| ForwardMode() | forward sensitivities (jvp through the solver), a custom JVP | yes | yes |
 | BacksolveAdjoint() | continuous adjoint, state re-integrated backward | yes | error |
 | InterpolatingAdjoint(checkpoints) | continuous adjoint, forward re-solved per segment | yes | yes |
 | QuadratureAdjoint() | continuous adjoint, dense forward kept, dL/dp by quadrature | yes | yes |
@@ -49,7 +49,10 @@ class Backprop(AbstractSensitivity):
 
 @dataclasses.dataclass(frozen=True)
 class ForwardMode(AbstractSensitivity):
-    """Forward sensitivities: one jvp of the solve per entry of p (cheap for few parameters)."""
+    """Forward sensitivities: one jvp of the solve per entry of p (cheap for few parameters).
+    Its derivative rule is a custom JVP (the Jacobian times the tangents), so besides
+    ``jax.grad`` it supports ``jax.linearize`` of the solve, which the other methods' custom
+    VJPs cannot: use it with forward-mode least-squares solvers (optimistix ``jac="fwd"``)."""
 
 
 @dataclasses.dataclass(frozen=True)
