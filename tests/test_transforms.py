@@ -166,3 +166,51 @@ def test_every_product_of_a_float32_gradient_runs_at_highest_precision(kind, sen
     assert found and all(eqn.params["precision"] == highest for eqn in found), \
         [eqn.params["precision"] for eqn in found if eqn.params["precision"] != highest]
     assert any(eqn.params["precision"] != highest for eqn in products(None))
+
+
+_SHARDED = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax, jax.numpy as jnp, numpy as np
+jax.config.update("jax_enable_x64", True)
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+sys.path.insert(0, sys.argv[1])
+import solvers as sv
+from helpers import linear_dde
+
+p = {"a": -0.5, "b": -1.0, "tau": 1.0, "c": 0.7}
+x0s = jnp.array([1.0, 0.5, -0.3, 2.0])
+sharded = jax.device_put(x0s, NamedSharding(Mesh(np.array(jax.devices()), ("batch",)), PartitionSpec("batch")))
+out = {"devices": len(sharded.sharding.device_set)}
+for throw in (True, False):
+    def loss(p, x0):
+        return sv.solve(linear_dde(), dict(p, x0=x0), saveat=jnp.array([1.0, 3.5]), rtol=1e-8, atol=1e-10,
+                        max_steps=4096 if throw else 20, throw=throw).ys[-1] ** 2
+    grad = jax.jit(jax.grad(lambda p, xs: jnp.mean(jax.vmap(loss, (None, 0))(p, xs))))
+    out[str(throw)] = [[float(grad(p, xs)[k]) for k in sorted(p)] for xs in ((sharded, x0s) if throw else (sharded,))]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_a_batch_sharded_over_two_devices_gives_the_unsharded_gradient():
+    """jax.jit of the mean of a vmapped loss whose batch is sharded over two devices
+    (jax.sharding; two host devices by XLA_FLAGS, which must be set before JAX starts, so in a
+    subprocess): the gradient of the default method equals the unsharded one. With throw=False a
+    solve that runs out of steps makes it NaN; with throw=True an error raised on one device
+    would leave the other waiting at the mean's all-reduce until XLA aborts (README)."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    here = pathlib.Path(__file__).parent
+    run = subprocess.run([sys.executable, "-c", _SHARDED, str(here)], capture_output=True, text=True, timeout=600,
+                         cwd=here.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2
+    sharded, single = out["True"]
+    np.testing.assert_allclose(sharded, single, rtol=1e-14, atol=0)
+    assert all(abs(g) > 1e-3 for g in single)
+    assert all(np.isnan(g) for g in out["False"][0])
