@@ -13,7 +13,9 @@ The default is ``InterpolatingAdjoint(checkpoints=16)``: memory flat in the numb
 independent of the number of parameters, and the exact delay gradient (with its
 discontinuity term) for DDEs. Use ``Backprop`` for the exact gradient of the discrete
 solution (e.g. at loose tolerances, where the continuous adjoint's gradient differs from it
-by O(tolerance)), ``ForwardMode`` when p has only a handful of entries.
+by O(tolerance); with a rhs that has kinks, a ReLU network, the discrete solution's gradient
+is itself far from the exact one: 0.65% at rtol 1e-10 on the README's example, where the
+adjoints are within 1.2e-5), ``ForwardMode`` when p has only a handful of entries.
 """
 
 from __future__ import annotations
