@@ -100,12 +100,19 @@ def check_gradient(grad, status, opts: Options):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def finite_cotangent(tree, on_error):
-    """The identity; its cotangent (Backprop's gradient of what it wraps) is checked finite."""
+    """The identity; its cotangent (Backprop's gradient of what it wraps) is checked finite.
+    With on_error="nan" (throw=False) the cotangent passes unchanged: a non-finite entry is
+    already there to be seen, and a jnp.where over the leaves broadcast each shared
+    parameter's cotangent (unbatched under jax.vmap) to the batch of a batched predicate, after
+    which JAX summed the copies: jax.grad of a vmapped sum came out batch-size times too large."""
     return tree
 
 
-finite_cotangent.defvjp(lambda tree, on_error: (tree, None),
-                        lambda on_error, _, ct: (fail_if(ct, ~_all_finite(ct), NONFINITE_GRADIENT, on_error),))
+def _finite_cotangent_bwd(on_error, _, ct):
+    return (ct if on_error == "nan" else fail_if(ct, ~_all_finite(ct), NONFINITE_GRADIENT, on_error),)
+
+
+finite_cotangent.defvjp(lambda tree, on_error: (tree, None), _finite_cotangent_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))

@@ -409,3 +409,29 @@ def test_progress_bar_is_quiet_without_a_tty(shared, tmp_path):
     tmp, job, ref = shared
     result = ndde("train", job, "--run-dir", tmp_path / "run", "--steps", "2")
     assert "step/s" not in result.stderr and "it/s" not in result.stderr
+
+
+def test_a_shards_step_gradient_is_the_same_for_every_method(tmp_path):
+    """The step's gradient, a shard's jitted value_and_grad of the vmapped sum of its trajectories'
+    losses solved with throw=False, at the tiny job's initial parameters. "backprop" and
+    "forward" differentiate the same discrete solution, "interpolating" differs from them by
+    the tolerance. Backprop's was 4x (the shard's 4 trajectories) the others', its NaN check
+    having broadcast the shared parameters' cotangent over the batch; every pipeline test that
+    compares runs with each other trained with it unnoticed."""
+    from jax.flatten_util import ravel_pytree
+
+    from pipeline import config, data
+    from pipeline.models import init_params
+    from pipeline.shard import ShardWorker
+
+    grads = {}
+    for sensitivity in ("backprop", "forward", "interpolating"):
+        job = config.load(tiny_job(tmp_path, sensitivity=sensitivity, name=f"{sensitivity}.toml"))
+        path = data.ensure(job)
+        flat = np.asarray(ravel_pytree(init_params(job))[0])
+        result = ShardWorker(job.to_toml(), str(path), 0, 1).compute(flat, 1)
+        assert result.error == "" and np.all(np.isfinite(result.grad_sum)), result.error
+        grads[sensitivity] = result.grad_sum
+    scale = np.max(np.abs(grads["forward"]))
+    np.testing.assert_allclose(grads["backprop"], grads["forward"], rtol=0, atol=1e-10 * scale)
+    np.testing.assert_allclose(grads["interpolating"], grads["forward"], rtol=0, atol=1e-4 * scale)
