@@ -22,7 +22,6 @@ from .._precision import HIGHEST
 from . import _closure
 
 
-
 def _is_zero(t) -> bool:
     """A tangent that carries nothing: a symbolic zero, or float0 (an integer input's)."""
     return isinstance(t, SymbolicZero) or getattr(t, "dtype", None) == jax.dtypes.float0
