@@ -129,7 +129,9 @@ def fail_if(x, pred, msgs, on_error, index=None):
     """equinox's error_if (branched_error_if with an index into msgs), except with on_error="nan"
     (throw=False): there only the failing trajectories of a vmapped batch become NaN. equinox's
     own "nan" reduces pred over the batch (unvmap_any), so one failed trajectory made every
-    trajectory's ys and gradient NaN."""
+    trajectory's ys and gradient NaN. The "nan" form broadcasts each leaf of x to pred's batch:
+    in a custom_vjp's backward rule, never give it the cotangent of an input vmap may leave
+    unbatched (a shared parameter), which JAX would then sum over the batch."""
     if on_error == "nan":
         bad = jnp.any(pred)
         nan_where_bad = lambda a: (jnp.where(bad, jnp.asarray(jnp.nan, a.dtype), a)

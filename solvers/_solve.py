@@ -100,19 +100,12 @@ def check_gradient(grad, status, opts: Options):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def finite_cotangent(tree, on_error):
-    """The identity; its cotangent (Backprop's gradient of what it wraps) is checked finite.
-    With on_error="nan" (throw=False) the cotangent passes unchanged: a non-finite entry is
-    already there to be seen, and a jnp.where over the leaves broadcast each shared
-    parameter's cotangent (unbatched under jax.vmap) to the batch of a batched predicate, after
-    which JAX summed the copies: jax.grad of a vmapped sum came out batch-size times too large."""
+    """The identity; its cotangent (Backprop's gradient of what it wraps) is checked finite."""
     return tree
 
 
-def _finite_cotangent_bwd(on_error, _, ct):
-    return (ct if on_error == "nan" else fail_if(ct, ~_all_finite(ct), NONFINITE_GRADIENT, on_error),)
-
-
-finite_cotangent.defvjp(lambda tree, on_error: (tree, None), _finite_cotangent_bwd)
+finite_cotangent.defvjp(lambda tree, on_error: (tree, None),
+                        lambda on_error, _, ct: (fail_if(ct, ~_all_finite(ct), NONFINITE_GRADIENT, on_error),))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -184,8 +177,11 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
     """(ys, stats) of the forward loop that reverse mode differentiates step by step (Backprop).
     With opts.grad_differentiated the reverse pass will itself be differentiated in forward mode
     (see _forward.SAVE_WINDOW)."""
-    floats, others = eqx.partition((prob, p), eqx.is_inexact_array)
-    prob, p = eqx.combine(finite_cotangent(floats, opts.on_error), others)  # a NaN gradient is an error
+    if opts.on_error != "nan":  # a NaN gradient is an error; with throw=False it is returned as is
+        # (fail_if's "nan" form must not run here: it broadcast each shared parameter's cotangent,
+        # unbatched under jax.vmap, over the batch, and JAX summed the copies into the gradient)
+        floats, others = eqx.partition((prob, p), eqx.is_inexact_array)
+        prob, p = eqx.combine(finite_cotangent(floats, opts.on_error), others)
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints,
                              save_window=opts.grad_differentiated)
     ys = check_status(final.ys, final.status, opts)

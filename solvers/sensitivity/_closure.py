@@ -114,8 +114,12 @@ def saveat_cotangent(prob, p, saveat, ys, ct_ys):
     (the forward rule kept no ys: the save times were not differentiated)."""
     if ys is None:
         return jnp.zeros_like(saveat)
-    slopes = jax.vmap(lambda t, y: prob.rhs(t, y, p))(saveat, ys)
-    return jnp.sum((ct_ys * slopes).reshape(saveat.shape[0], -1), axis=1)
+    return jnp.sum((ct_ys * save_slopes(prob, p, saveat, ys)).reshape(saveat.shape[0], -1), axis=1)
+
+
+def save_slopes(prob, p, saveat, ys):
+    """x'(t_k) = f(t_k, ys[k], p) at each save time of an ODE: d ys[k] / d saveat[k]."""
+    return jax.vmap(lambda t, y: prob.rhs(t, y, p))(saveat, ys)
 
 
 def values(tree):

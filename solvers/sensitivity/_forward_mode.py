@@ -79,15 +79,13 @@ def forward_mode_solve(prob, p, saveat, opts):
         if jax.tree_util.tree_leaves(moving):
             jac, (out, status) = jax.jacfwd(solve, has_aux=True)(moving)  # P jvps, batched
             jac = check_gradient(jac, status, opts)  # a failed solve or a non-finite derivative is an error
-            t_moving = (_split_by_tangent(tp, tp)[0], _split_by_tangent(tarrays, tarrays)[0])
-            ys_dot = _contract(jac, t_moving)
+            ys_dot = _contract(jac, _split_by_tangent((tp, tarrays), (tp, tarrays))[0])
         else:  # only the save times move
             out, status = solve(moving)[1]
             ys_dot = check_gradient(jnp.zeros_like(out[0]), status, opts)
         ys = out[0]
-        if not _is_zero(tsaveat):  # d ys[k] / d saveat[k] = x'(t_k) (an ODE: _closure.saveat_cotangent)
-            full = _closure.rebuild(diff, const, static)
-            slopes = jax.vmap(lambda t, y: full.rhs(t, y, p))(saveat, ys)
+        if not _is_zero(tsaveat):  # an ODE's d ys[k] / d saveat[k]
+            slopes = _closure.save_slopes(_closure.rebuild(diff, const, static), p, saveat, ys)
             ys_dot = ys_dot + slopes * tsaveat.astype(ys.dtype).reshape((-1,) + (1,) * (ys.ndim - 1))
         stats_dot = jax.tree_util.tree_map(lambda s: np.zeros(np.shape(s), jax.dtypes.float0), out[1])
         return out, (ys_dot.astype(ys.dtype), stats_dot)
