@@ -109,10 +109,10 @@ def _rows_loop(lo, hi, body, hist):
                            buffers=buffers)[1]
 
 
-def load_window(work: History, w: Windows, i) -> History:
+def load_window(work: History, w: Windows, i, skip=False) -> History:
     """Checkpoint i's window as a History that reuses ``work``'s buffer (only the window's rows
-    are written; the rest of ``work`` is stale and never read)."""
-    start, n = w.start[i], w.stop[i] - w.start[i]
+    are written; the rest of ``work`` is stale and never read). skip (traced): write no rows."""
+    start, n = w.start[i], jnp.where(skip, 0, w.stop[i] - w.start[i])
 
     work = _rows_loop(0, n, lambda k, work: _copy_step(work, k, w.log, start + k), work)
     return work._replace(first=jnp.zeros((), jnp.int32), count=n)

@@ -211,7 +211,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         nodes, weights = np.polynomial.legendre.leggauss(sens.nodes)
         gauss = (((nodes + 1) / 2).tolist(), (weights / 2).tolist())
 
-    def make_rhs(fwd, keep_from):
+    def make_rhs(fwd):
         def evaluate(hist_b, s, Z, left):
             t = -s
             lam, x_state = split(Z)
@@ -244,15 +244,17 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
             return jax.vjp(at_records, p_flat)[1](w.reshape((-1,) + (1,) * len(shape)) * lam)[0]
 
         def quad(s_a, s_b, coeffs):
-            """∫ f_pᵀλ over one backward step by Gauss–Legendre on its dense output."""
-            total = jnp.zeros((n_p,), dtype)
-            for th, w in zip(*gauss):  # floats: dtype follows s
+            """∫ f_pᵀλ over one backward step by Gauss–Legendre on its dense output, the nodes
+            batched: one VJP in the compiled sweep, not one per node."""
+            theta, w = (jnp.asarray(v, s_a.dtype) for v in gauss)
+            fwd_left = jnp.asarray([not _history.reads_left(th) for th in gauss[0]])  # reversed time, as in evaluate
+
+            def at_node(th, fwd_left):
                 s = s_a + th * (s_b - s_a)
                 lam = _history.horner(coeffs, th)[:n].reshape(shape)
-                fwd_left = not _history.reads_left(th)  # reversed time, as in evaluate
-                _, _, dp, _ = vjp_terms(-s, fwd.x(-s, fwd_left, p), lam, fwd, fwd_left)
-                total = total + (w * (s_b - s_a)) * dp
-            return total
+                return vjp_terms(-s, fwd.x(-s, fwd_left, p), lam, fwd, fwd_left)[2]
+
+            return jnp.sum((w * (s_b - s_a))[:, None] * jax.vmap(at_node)(theta, fwd_left), axis=0)
 
         cap = jax.lax.stop_gradient(jnp.min(taus)) if is_dde else jnp.asarray(jnp.inf, dtype)
         max_delay = jax.lax.stop_gradient(jnp.max(taus)) if is_dde else jnp.zeros((), dtype)
@@ -260,7 +262,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         # the error control (a vmapped sweep carries one copy per trajectory); ∫μ_j keeps its
         # dense output, whose slope gives the advanced term.
         integrals = augmented or is_dde
-        return _forward.Rhs(eval=evaluate, cap=cap, max_delay=max_delay, keep_from=keep_from,
+        return _forward.Rhs(eval=evaluate, cap=cap, max_delay=max_delay,
                             hist_part=(n_lam, n_lam + n_mu) if is_dde else None,
                             quadrature=quad if quadrature and not deferred else None,
                             n_state=n_lam if integrals else None, param_part=param_part if deferred else None,
@@ -303,20 +305,20 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     # estimate as its constant step: RK4's gradient error did not follow dt, Euler's ran out of steps)
     dt0 = opts.dt0 if isinstance(opts.controller, ConstantStepSize) else None
 
-    def sweep(state, fwd, s_to, keep_from=None):
-        rhs = make_rhs(fwd, keep_from)
-        if state is None:
-            state = _forward.init_state(cfg, rhs, Z0, s_start, s_end, s_obs, rtol, atol, dt0, hist_b, acc0,
-                                        probe_shape=probe_shape)
-        return _forward.run(cfg, rhs, state, s_to, s_obs, stops, stop_is_bp, rtol, atol, dt0,
+    def start(fwd):
+        return _forward.init_state(cfg, make_rhs(fwd), Z0, s_start, s_end, s_obs, rtol, atol, dt0, hist_b,
+                                   acc0, probe_shape=probe_shape)
+
+    def sweep(state, fwd, s_to):
+        return _forward.run(cfg, make_rhs(fwd), state, s_to, s_obs, stops, stop_is_bp, rtol, atol, dt0,
                             impulses=impulses, probe_times=probe_times)
 
     if checkpoint_times is None:
         fwd = None if backsolve else _interpolating.ForwardSolution(prob, t0, residual, y0, shift)
-        final = sweep(None, fwd, s_end)
+        final = sweep(start(fwd), fwd, s_end)
     else:
-        final = _interpolating.sweep_segments(prob, p, saveat, opts, residual, checkpoint_times, first_held, sweep,
-                                              y0, taus, shift)
+        final = _interpolating.sweep_segments(prob, p, saveat, opts, residual, checkpoint_times, first_held, start,
+                                              sweep, y0, taus, shift)
     Z = final.y
     lam0 = Z[:n].reshape(shape)
     grad = Z[size_z - n_p:] if augmented else final.acc

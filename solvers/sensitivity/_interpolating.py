@@ -51,16 +51,16 @@ def checkpointed_forward(run, state, targets, max_delay, opts, is_dde):
         windows = _history.empty_windows(n, opts.history_size, opts.tableau.degree, state.y)
     light = lambda st: st._replace(hist=None)
 
-    def segment(carry, i):  # segment i, then checkpoint i + 1's window
+    def segment(carry, i):  # segment i, then checkpoint i + 1's window (none after the last)
         st, windows = carry
         start, st = light(st), run(st, targets[i + 1])
-        if is_dde:
-            windows = _history.save_window(windows, i + 1, st.hist, st.t - max_delay)
+        if is_dde:  # i is the scan's counter, never batched: a real branch under vmap too
+            windows = jax.lax.cond(i + 1 < n, lambda w: _history.save_window(w, i + 1, st.hist, st.t - max_delay),
+                                   lambda w: w, windows)
         return (st, windows), start
 
-    (last, windows), states = jax.lax.scan(segment, (state, windows), jnp.arange(n - 1))
-    final = run(last, targets[n])
-    states = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b[None]]), states, light(last))
+    # one scan over every segment: the forward step is compiled once (see sweep_segments)
+    (final, windows), states = jax.lax.scan(segment, (state, windows), jnp.arange(n))
     if is_dde:
         final = final._replace(status=jnp.where(windows.ok | (final.status != _forward.OK), final.status,
                                                 _forward.WINDOWS_FULL))
@@ -100,40 +100,51 @@ def first_held_segment(ring, checkpoint_times, taus, t0):
     return checkpoint_times.shape[0] - 1 - jnp.sum(held.astype(jnp.int32))
 
 
-def sweep_segments(prob, p, saveat, opts, checkpoints, checkpoint_times, first_held, sweep, y0, taus,
-                         shift):
+def sweep_segments(prob, p, saveat, opts, checkpoints, checkpoint_times, first_held, start, sweep, y0, taus,
+                   shift):
     """Backward over the segments in reverse. The last segments, those whose steps (and, for a
     DDE, the last max τ before them) the forward's final history buffer still holds, are swept
     straight from it: all of them when the solve took at most history_size steps. Each earlier
     segment is re-solved from its checkpoint (for a DDE, from its window) to the next one, into
     one buffer that every segment reuses. first_held: first_held_segment's answer, which _backward
-    also needs for the sweep's stops."""
+    also needs for the sweep's stops. start(fwd): the sweep's initial state; sweep(state, fwd,
+    s_to): the sweep run on to s_to.
+
+    Both parts run in one loop, so that the sweep's step (the largest part of the gradient's
+    program) is compiled once: its first pass sweeps the held segments, each later one the
+    segment it has just re-solved."""
     states, windows, ring = checkpoints
     is_dde = taus is not None
     built = build(prob, p, saveat, opts, keep_all=not is_dde)  # the forward's stops: it re-takes its steps
     cfg = opts.loop_config()
     max_tau = built.rhs.max_delay  # 0 for an ODE
+    ok = jnp.asarray(_forward.OK, jnp.int32)
 
-    def resolve(i, work):
-        c_i, c_next = checkpoint_times[i], checkpoint_times[i + 1]
+    def resolve(i, work, held):
+        c_i = checkpoint_times[i]
         ck = jax.tree_util.tree_map(lambda a: a[i], states)
+        c_next = jnp.where(held, ck.t, checkpoint_times[i + 1])  # the held pass: an empty segment, no steps
         if is_dde:
             rhs = built.rhs._replace(keep_from=c_i - max_tau)
-            hist = _history.load_window(work, windows, i)
+            hist = _history.load_window(work, windows, i, skip=held)
         else:
             rhs, hist = built.rhs, work._replace(first=jnp.zeros_like(work.first), count=jnp.zeros_like(work.count))
         fin = _forward.run(cfg, rhs, ck._replace(hist=hist), c_next, saveat, built.stops, built.stop_is_bp,
                            built.rtol, built.atol, opts.dt0)
         return fin.hist, fin.status
 
-    def segment(j, carry):
+    def segment(j, carry):  # pass j ends at checkpoint first_held - j
         state_b, work, status = carry
-        i = first_held - 1 - j
-        hist, st = resolve(i, work)
+        i, held = first_held - j, j == 0
+        # a select, not a lax.cond: under vmap the pass count is per trajectory, so held is
+        # batched, and a batched cond would copy the weights its branch closes over to every
+        # trajectory (test_vmap_never_copies_the_weights_per_trajectory)
+        hist, st = resolve(i, work, held)
+        hist = jax.tree_util.tree_map(lambda a, b: jnp.where(held, a, b), ring, hist)
+        st = jnp.where(held, ok, st)
         state_b = sweep(state_b, ForwardSolution(prob, built.t0, hist, y0, shift), -checkpoint_times[i])
         return state_b, hist, jnp.maximum(status, st)
 
-    state_b = sweep(None, ForwardSolution(prob, built.t0, ring, y0, shift), -checkpoint_times[first_held])
-    work = _history.empty(opts.history_size, opts.tableau.degree, y0)
-    state_b, _, status = jax.lax.fori_loop(0, first_held, segment, (state_b, work, jnp.asarray(_forward.OK, jnp.int32)))
+    state_b = start(ForwardSolution(prob, built.t0, ring, y0, shift))
+    state_b, _, status = jax.lax.fori_loop(0, first_held + 1, segment, (state_b, ring, ok))
     return state_b._replace(status=jnp.where(status != _forward.OK, status, state_b.status))
