@@ -176,28 +176,31 @@ def test_forward_mode_under_linearize_and_a_hidden_jvp(refcases):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sensitivity", [sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()], ids=ids)
-def test_dde_hessian_where_the_solve_cannot_see_jax_jvp(refcases, sensitivity):
+def test_dde_hessian_where_the_solve_cannot_see_jax_jvp(refcases):
     """jax.hessian of a jitted loss and jax.jvp of a jitted gradient trace the solve inside a jit
     with no JVP tracer in sight; an eager jax.jvp of jax.grad traces it inside the program solve
     compiles for itself. In all three the DDE adjoints ran their continuous sweep, and JAX
     differentiated it: silently wrong, d²L/da dτ off by 0.46 on refcase A_jump. The
     sweep is now a custom JVP whose rule is Backprop's reverse pass (as when the forward rule
-    sees jax.jvp coming): equal to jax.jit(jax.hessian(L)) with Backprop."""
+    sees jax.jvp coming): equal to jax.jit(jax.hessian(L)) with Backprop, for both DDE adjoints
+    (one test, so that the reference is compiled once)."""
     case = refcases["A_jump"]
     p, ts = refcase_params(case), jnp.array(case["obs_times"])
     L = lambda p, s: 0.5 * jnp.sum(sv.solve(linear_dde(), p, saveat=ts, rtol=1e-10, atol=1e-12, sensitivity=s).ys ** 2)
     ref = jax.jit(jax.hessian(lambda q: L(q, sv.Backprop())))(p)
-    loss = lambda q: L(q, sensitivity)
     v = {k: jnp.asarray(0.1 * (i + 1)) for i, k in enumerate(p)}
     hv_ref = {k: sum(ref[k][j] * v[j] for j in p) for k in p}
-    hessian = jax.hessian(jax.jit(loss))(p)
-    for k in p:
-        for j in p:
-            assert abs(float(hessian[k][j]) - float(ref[k][j])) < 1e-8 * max(1.0, abs(float(ref[k][j]))), (k, j)
-    for hv in (jax.jvp(jax.jit(jax.grad(loss)), (p,), (v,))[1], jax.jvp(jax.grad(loss), (p,), (v,))[1]):
+    for sensitivity in (sv.InterpolatingAdjoint(), sv.QuadratureAdjoint()):
+        loss = lambda q: L(q, sensitivity)
+        hessian = jax.hessian(jax.jit(loss))(p)
         for k in p:
-            assert abs(float(hv[k]) - float(hv_ref[k])) < 1e-8 * max(1.0, abs(float(hv_ref[k]))), k
+            for j in p:
+                assert abs(float(hessian[k][j]) - float(ref[k][j])) < 1e-8 * max(1.0, abs(float(ref[k][j]))), \
+                    (repr(sensitivity), k, j)
+        for hv in (jax.jvp(jax.jit(jax.grad(loss)), (p,), (v,))[1], jax.jvp(jax.grad(loss), (p,), (v,))[1]):
+            for k in p:
+                assert abs(float(hv[k]) - float(hv_ref[k])) < 1e-8 * max(1.0, abs(float(hv_ref[k]))), \
+                    (repr(sensitivity), k)
 
 
 @pytest.mark.slow

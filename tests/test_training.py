@@ -126,6 +126,7 @@ def test_resume_of_a_finished_run_reports_its_step_and_refuses_to_go_back(shared
     assert sorted(p.name for p in ref.iterdir()) == [f"step_{s:08d}.h5" for s in (8, 10, 12)]
 
 
+@pytest.mark.slow
 def test_a_failed_step_of_a_delay_model_names_tau_and_the_job_key(tmp_path):
     """A learning rate that throws τ far out (25 on [0, 10] after one SGD step here) filled the
     history buffer; the message said to raise solve()'s history_size and nothing of τ. `ndde
