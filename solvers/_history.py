@@ -39,6 +39,13 @@ def empty(capacity: int, degree: int, y0: jax.Array) -> History:
     )
 
 
+def _ring(i, cap: int):
+    """The slot of ring position i >= 0: one integer remainder (jnp's ``%`` adds a sign
+    correction, about ten operations in every lookup and so in every compiled program)."""
+    i = jnp.asarray(i)
+    return jax.lax.rem(i, jnp.asarray(cap, i.dtype))
+
+
 def push(hist: History, t_a, t_b, coeffs, oldest_needed, write):
     """Store one step when ``write`` (the step was accepted); touches one slot only.
 
@@ -47,7 +54,7 @@ def push(hist: History, t_a, t_b, coeffs, oldest_needed, write):
     cap = hist.t_start.shape[0]
     full = hist.count >= cap
     ok = ~write | ~full | (hist.t_end[hist.first] < oldest_needed)
-    slot = jnp.where(full, hist.first, (hist.first + hist.count) % cap)
+    slot = jnp.where(full, hist.first, _ring(hist.first + hist.count, cap))
     keep = lambda new, old: jnp.where(write, new, old)
     new = History(
         t_start=hist.t_start.at[slot].set(keep(t_a, hist.t_start[slot])),
@@ -55,7 +62,7 @@ def push(hist: History, t_a, t_b, coeffs, oldest_needed, write):
         # a rejected step goes to the spare last row: the update never reads the buffer, so XLA
         # updates it in place instead of copying it every step
         coeffs=eqxi.buffer_at_set(hist.coeffs, jnp.where(write, slot, cap), coeffs),
-        first=jnp.where(write & full, (hist.first + 1) % cap, hist.first),
+        first=jnp.where(write & full, _ring(hist.first + 1, cap), hist.first),
         count=jnp.where(write & ~full, hist.count + 1, hist.count),
     )
     return new, ok
@@ -86,7 +93,7 @@ def save_window(w: Windows, i, hist: History, oldest_needed) -> Windows:
     new_from = jnp.maximum(_steps_before(hist, oldest_needed, True), _steps_before(hist, logged_until, False))
     fits = log.count + hist.count - new_from <= log.t_start.shape[0]
 
-    body = lambda k, log: _copy_step(log, log.count + k - new_from, hist, (hist.first + k) % cap)
+    body = lambda k, log: _copy_step(log, log.count + k - new_from, hist, _ring(hist.first + k, cap))
     end = jnp.where(fits, hist.count, new_from)
     log = _rows_loop(new_from, end, body, log)
     log = log._replace(count=log.count + end - new_from)
@@ -167,7 +174,7 @@ def before(a, q, left, tol=0.0):
 
 def _newest_end(hist: History):
     cap = hist.t_end.shape[0]
-    return hist.t_end[(hist.first + jnp.maximum(hist.count - 1, 0)) % cap]
+    return hist.t_end[_ring(hist.first + jnp.maximum(hist.count - 1, 0), cap)]
 
 
 def _steps_before(hist: History, q, left: bool, tol=0.0):
@@ -181,7 +188,7 @@ def _steps_before(hist: History, q, left: bool, tol=0.0):
     cap = hist.t_end.shape[0]
     if cap > SEARCH_ABOVE:
         return _search_before(hist, q, left, tol)
-    stored = (jnp.arange(cap) - hist.first) % cap < hist.count
+    stored = _ring(jnp.arange(cap, dtype=hist.first.dtype) + (cap - hist.first), cap) < hist.count
     return jnp.sum(stored & before(hist.t_end, q, left, tol), dtype=jnp.int32)
 
 
@@ -195,7 +202,7 @@ def _search_before(hist: History, q, left, tol):
     def halve(_, lo_hi):
         lo, hi = lo_hi  # the answer lies in [lo, hi]
         mid = (lo + hi) // 2
-        go_right = (mid < hist.count) & before(hist.t_end[(hist.first + mid) % cap], q, left, tol)
+        go_right = (mid < hist.count) & before(hist.t_end[_ring(hist.first + mid, cap)], q, left, tol)
         return jnp.where(go_right, mid + 1, lo), jnp.where(go_right, hi, mid)
 
     lo, _ = jax.lax.fori_loop(0, int(np.ceil(np.log2(cap + 1))), halve, (jnp.zeros((), jnp.int32), hist.count))
@@ -232,6 +239,6 @@ def _piece(hist: History, q, left: bool):
     cap = hist.t_end.shape[0]
     tol = side_tolerance(q, _newest_end(hist))
     i = jnp.clip(_steps_before(hist, q, left, tol), 0, jnp.maximum(hist.count - 1, 0))
-    slot = (hist.first + i) % cap
+    slot = _ring(hist.first + i, cap)
     t_a, t_b = hist.t_start[slot], hist.t_end[slot]
     return hist.coeffs[slot], (q - t_a) / (t_b - t_a), t_b - t_a
