@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import solvers as sv  # noqa: E402
-from problems import hnn_setup  # noqa: E402
+from problems import diffrax_solve, hnn_setup  # noqa: E402
 from timing import interleaved_times, paired_ratio, write_results  # noqa: E402
 
 T, N_OBS = 10.0, 50
@@ -81,17 +81,12 @@ def arithmetic(rhs, x0, count):
 
 
 def main():
-    import diffrax
-
     H, J, rhs, params, x0 = hnn_setup(256)
     ts = jnp.linspace(0.0, T, N_OBS)
     kw = dict(saveat=ts, rtol=1e-6, atol=1e-8, land_on_saveat=False)
     loss = lambda ys: jnp.mean(ys**2)
 
-    def dfx_sol(p):
-        return diffrax.diffeqsolve(diffrax.ODETerm(rhs), diffrax.Tsit5(), 0.0, T, None, x0, args=p,
-                                   saveat=diffrax.SaveAt(ts=ts), max_steps=4096,
-                                   stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8))
+    dfx_sol = lambda p: diffrax_solve(rhs, x0, ts, p, t1=T)
 
     prob = sv.ODEProblem(rhs, x0, 0.0, T)
     i_ctl = {"controller": sv.PIController(beta_scale=0.0)}

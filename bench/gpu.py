@@ -34,7 +34,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 import solvers as sv  # noqa: E402
-from problems import hnn_setup, mlp, ndde_setup, rk4_method_of_steps  # noqa: E402
+from problems import diffrax_solve, hnn_setup, mlp, ndde_setup, rk4_method_of_steps  # noqa: E402
 from timing import interleaved_times, paired_ratio, versions  # noqa: E402
 
 ROUNDS = int(os.environ.get("GPU_BENCH_ROUNDS", "7"))
@@ -114,9 +114,7 @@ def hnn(B, peak):
     loss = lambda ys: jnp.mean(ys**2)
 
     def dfx(p, adjoint=diffrax.RecursiveCheckpointAdjoint()):
-        return diffrax.diffeqsolve(diffrax.ODETerm(rhs), diffrax.Tsit5(), 0.0, 10.0, None, x0, args=p,
-                                   saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=4096,
-                                   stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8))
+        return diffrax_solve(rhs, x0, ts, p, adjoint)
 
     ndde_grad = lambda field, sens, **extra: jax.jit(jax.grad(lambda p: loss(sv.solve(
         sv.ODEProblem(field, x0, 0.0, 10.0), p, sensitivity=sens, **kw, **extra).ys)))

@@ -25,7 +25,7 @@ from jax.flatten_util import ravel_pytree  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import solvers as sv  # noqa: E402
-from problems import hnn_setup, mlp, ndde_setup  # noqa: E402
+from problems import diffrax_solve, hnn_setup, mlp, ndde_setup  # noqa: E402
 from timing import interleaved_times, median_time, paired_ratio, write_results  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
@@ -47,10 +47,7 @@ def hnn_rows(B=256):
     loss = lambda ys: jnp.mean(ys**2)
 
     def dfx_solve(p, adjoint):
-        sol = diffrax.diffeqsolve(diffrax.ODETerm(rhs), diffrax.Tsit5(), 0.0, 10.0, None, x0, args=p,
-                                  saveat=diffrax.SaveAt(ts=ts), adjoint=adjoint, max_steps=4096,
-                                  stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8))
-        return loss(sol.ys)
+        return loss(diffrax_solve(rhs, x0, ts, p, adjoint).ys)
 
     ref = "diffrax RecursiveCheckpointAdjoint"
     fns = {"ndde forward (land_on_saveat=False)": jax.jit(lambda p: sv.solve(sv.ODEProblem(rhs, x0, 0.0, 10.0), p, **kw).ys),

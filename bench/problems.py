@@ -32,6 +32,18 @@ def hnn_setup(B=256, dtype=jnp.float64, seed=0):
     return H, J, rhs, params, x0
 
 
+def diffrax_solve(rhs, x0, ts, p, adjoint=None, t1=10.0):
+    """The peer's solve of the benchmarks' ODEs: diffrax Tsit5 on [0, t1], PID controller at
+    rtol 1e-6, atol 1e-8 (its I-controller default form), saves at ts, max_steps 4096
+    (``adjoint`` None: diffrax's default, RecursiveCheckpointAdjoint)."""
+    import diffrax
+
+    extra = {} if adjoint is None else {"adjoint": adjoint}
+    return diffrax.diffeqsolve(diffrax.ODETerm(rhs), diffrax.Tsit5(), 0.0, t1, None, x0, args=p,
+                               saveat=diffrax.SaveAt(ts=ts), max_steps=4096,
+                               stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8), **extra)
+
+
 def ndde_setup(B=256, dtype=jnp.float64, seed=1):
     """MLP 4-64-64-2 on [x(t), x(t - tau)], tau = 1, constant history."""
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))

@@ -19,13 +19,11 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import solvers as sv  # noqa: E402
-from problems import hnn_setup, ndde_setup, rk4_method_of_steps  # noqa: E402
+from problems import diffrax_solve, hnn_setup, ndde_setup, rk4_method_of_steps  # noqa: E402
 from timing import median_time, versions  # noqa: E402
 
 
 def hnn_rows(B=256):
-    import diffrax
-
     H, J, rhs, params, x0 = hnn_setup(B)
     ts = jnp.linspace(0.0, 10.0, 50)
     prob = sv.ODEProblem(rhs, x0, 0.0, 10.0)
@@ -33,9 +31,7 @@ def hnn_rows(B=256):
     ndde_i = jax.jit(lambda p: sv.solve(prob, p, saveat=ts, rtol=1e-6, atol=1e-8, land_on_saveat=False))
     ndde_ic = jax.jit(lambda p: sv.solve(prob, p, saveat=ts, rtol=1e-6, atol=1e-8, land_on_saveat=False,
                                          controller=sv.PIController(beta_scale=0.0)))
-    dfx = jax.jit(lambda p: diffrax.diffeqsolve(
-        diffrax.ODETerm(rhs), diffrax.Tsit5(), 0.0, 10.0, None, x0, args=p, saveat=diffrax.SaveAt(ts=ts),
-        stepsize_controller=diffrax.PIDController(rtol=1e-6, atol=1e-8), max_steps=4096))
+    dfx = jax.jit(lambda p: diffrax_solve(rhs, x0, ts, p))
     a, ai, aic, b = ndde(params), ndde_i(params), ndde_ic(params), dfx(params)
     t_n, t_i, t_d = median_time(ndde, params), median_time(ndde_i, params), median_time(dfx, params)
     t_ic = median_time(ndde_ic, params)
