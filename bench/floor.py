@@ -6,7 +6,8 @@ forward (FSAL) and needs 6n stage VJPs backward, each of which evaluates the rhs
 unless every stage's residuals are stored. Timed in the same rounds (``interleaved_times``):
 
 1. diffrax's RecursiveCheckpointAdjoint gradient (the reference) and forward, ndde's forward
-   and its Backprop gradient with its PI controller and with the I controller diffrax uses;
+   and its Backprop gradient with its PI controller and with the I controller diffrax uses
+   (and, with the I controller, through equinox's checkpointed loop: Backprop(checkpoints=64));
 2. the bare loop: n Tsit5 steps of constant size in a ``lax.scan`` (no error estimate, no step
    size selection, no save-time interpolation; loss of the step values), its gradient with
    every step recomputed (``jax.checkpoint``) and with every step's residuals stored, for
@@ -102,7 +103,9 @@ def main():
            "ndde Backprop gradient (PI controller)": jax.jit(jax.grad(
                lambda p: loss(sv.solve(prob, p, sensitivity=sv.Backprop(), **kw).ys))),
            "ndde Backprop gradient (I controller)": jax.jit(jax.grad(
-               lambda p: loss(sv.solve(prob, p, sensitivity=sv.Backprop(), **kw, **i_ctl).ys)))}
+               lambda p: loss(sv.solve(prob, p, sensitivity=sv.Backprop(), **kw, **i_ctl).ys))),
+           "ndde Backprop(checkpoints=64) gradient (I controller; equinox's checkpointed loop)": jax.jit(jax.grad(
+               lambda p: loss(sv.solve(prob, p, sensitivity=sv.Backprop(checkpoints=64), **kw, **i_ctl).ys)))}
     for n in sorted({n_dfx, n_i}):
         fns[f"bare loop, {n} steps, forward"] = jax.jit(bare_tsit5_loss(rhs, x0, n, remat=True))
         for remat, how in ((True, "recomputed"), (False, "stored")):

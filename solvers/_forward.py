@@ -21,6 +21,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from . import _history
+from ._reverse_loop import stored_while_loop
 from ._controller import error_norm, initial_step
 from ._step import rk_step
 from ._tableau import ButcherTableau
@@ -114,8 +115,9 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         kind="lax", checkpoints=None, impulses=None, probe_times=None, probe_fn=None, save_window=False) -> LoopState:
     """Step from ``state`` until t1 (or an error status).
 
-    kind: "lax" (forward-mode differentiable) or "checkpointed" (reverse-mode, equinox's
-    online-checkpointed loop). impulses: optional (len(saveat), *shape) added to the state
+    kind: "lax" (forward-mode differentiable), "checkpointed" (reverse-mode, equinox's
+    online-checkpointed loop) or "stored" (reverse-mode, _reverse_loop; a DDE's loop falls back
+    to "checkpointed"). impulses: optional (len(saveat), *shape) added to the state
     right after it is saved at each save time (the adjoint's jumps at observations); the
     first stage is then recomputed. probe_times: record, on landing exactly at each,
     ``probe_fn(hist, t, y)`` (default: y before any impulse) into LoopState.probes.
@@ -199,7 +201,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         elif window:
             ys, save_idx = _save_window(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs)
         else:
-            ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs, kind)
+            ys, save_idx = _save_interpolated(st.ys, st.save_idx, saveat, accept, t, t_next, step.coeffs,
+                                              "checkpointed" if kind == "stored" else kind)
         probes = st.probes
         if probe_times is not None:
             on_probe = accept & (probe_times == t_next)
@@ -250,6 +253,11 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
     if kind == "lax":  # buffers: under vmap a finished trajectory's writes are skipped slice by
         # slice, instead of a select over the whole buffer (JAX's batched while) every step
         return eqxi.while_loop(cond, body, state, kind="lax", buffers=_lax_buffers)
+    if kind == "stored" and state.hist is not None:  # a slot would hold the whole history buffer
+        kind = "checkpointed"
+    if kind == "stored":  # an ODE's Backprop without checkpoints (see _reverse_loop)
+        return stored_while_loop(cond, body, state, max_steps=cfg.max_steps, split=lambda st: (st._replace(ys=None), st.ys),
+                                 merge=lambda small, ys: small._replace(ys=ys), identity=lambda st: st.last_rejected)
     state = _perturbed_as_in_the_loop(state, (stops, rhs.cap, saveat))
     final = eqxi.while_loop(cond, body, state, kind="checkpointed", max_steps=cfg.max_steps, checkpoints=checkpoints,
                             buffers=lambda st: st.ys)

@@ -135,7 +135,8 @@ def _checks_bwd(msgs, on_error, res, ct):
     ct = fail_if(ct, overflowed, "ndde: Backprop cannot differentiate this solve: a rejected step attempt "
                  "overflowed (a stage of inf or NaN), and reverse mode through it makes every gradient "
                  "NaN. Start with a smaller step (solve(..., dt0=...)) or use InterpolatingAdjoint(), "
-                 "QuadratureAdjoint() or ForwardMode(), which do not differentiate rejected attempts.", on_error)
+                 "QuadratureAdjoint() or ForwardMode() (or, for an ODE, Backprop() without checkpoints), which "
+                 "do not differentiate rejected attempts.", on_error)
     ct_final = jnp.where(status != OK, jnp.nan, zero) if on_error == "nan" else zero
     return ct, ct_final, None, None
 
@@ -182,11 +183,13 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
         # unbatched under jax.vmap, over the batch, and JAX summed the copies into the gradient)
         floats, others = eqx.partition((prob, p), eqx.is_inexact_array)
         prob, p = eqx.combine(finite_cotangent(floats, opts.on_error), others)
-    final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed", checkpoints=checkpoints,
-                             save_window=opts.grad_differentiated)
+    final, built = forward_solve(prob, p, saveat, opts, kind="checkpointed" if checkpoints else "stored",
+                                 checkpoints=checkpoints, save_window=opts.grad_differentiated)
     ys = check_status(final.ys, final.status, opts)
     msgs = tuple(_error_messages(opts))
-    return (backprop_checks(ys, final.y, final.status, lax.stop_gradient(final.overflowed), msgs, opts.on_error),
+    # the stored loop (an ODE without checkpoints, see _forward.run) skips rejected attempts' VJPs
+    overflowed = final.overflowed if checkpoints or built.hist0 is not None else jnp.asarray(False)
+    return (backprop_checks(ys, final.y, final.status, lax.stop_gradient(overflowed), msgs, opts.on_error),
             stats_of(final))
 
 

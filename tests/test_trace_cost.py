@@ -20,23 +20,29 @@ def _count(monkeypatch, module, *names):
     return calls
 
 
-@pytest.mark.parametrize("kind", ["dde with a learned delay", "ode"])
+@pytest.mark.parametrize("kind", ["dde with a learned delay", "ode with checkpoints", "ode"])
 def test_backprop_linearizes_the_loop_body_once_per_fixed_point(monkeypatch, kind):
     """Equinox's checkpointed loop learns which carries a derivative reaches by re-linearizing the
     loop body until nothing changes (in its forward rule and again in its backward rule), and
     which cotangents stay zero by repeated vjps of it. The loop is handed a state that already
     carries the answer (``_forward._perturbed_as_in_the_loop``): one linearization per fixed
     point, and one vjp besides the backward step's own. Without it this DDE took 6
-    linearizations and 3 vjps (the ODE 4 and 3): trace 5.7 s instead of 2.7 s."""
-    if kind == "ode":
+    linearizations and 3 vjps (the ODE 4 and 3): trace 5.7 s instead of 2.7 s. An ODE without
+    checkpoints runs _reverse_loop instead: its reverse pass traces one vjp of the step, no
+    linearization."""
+    if kind.startswith("ode"):
         prob, p = pendulum(), {"m": jnp.asarray(1.0), "k": jnp.asarray(2.0), "q0": jnp.asarray(1.0)}
     else:
         prob = linear_dde()
         p = {k: jnp.asarray(v) for k, v in {"a": -0.5, "b": -1.0, "tau": 0.8, "c": 0.7, "x0": 1.0}.items()}
     ts = jnp.array([0.5, 1.7, 3.5])
-    loss = lambda p: jnp.sum(sv.solve(prob, p, saveat=ts, sensitivity=sv.Backprop()).ys ** 2)
+    sensitivity = sv.Backprop(checkpoints=16 if kind == "ode with checkpoints" else None)
+    loss = lambda p: jnp.sum(sv.solve(prob, p, saveat=ts, sensitivity=sensitivity).ys ** 2)
     calls = _count(monkeypatch, jax, "linearize", "vjp")
     jax.jit(jax.grad(loss)).trace(p)
+    if kind == "ode":
+        assert calls == {"linearize": 0, "vjp": 1}, calls
+        return
     # at least one of each: the count still sees equinox's calls (else the bounds would pass vacuously)
     assert 1 <= calls["linearize"] <= 2 and 1 <= calls["vjp"] <= 2, calls
 
