@@ -17,23 +17,24 @@ from solvers._reverse_loop import sizes
 
 @pytest.mark.parametrize("max_steps,slots", [(1, None), (2, None), (60, None), (4096, None), (4097, None),
                                              (100, 3), (100, 7), (37, 2)])
-def test_every_attempt_finds_a_slot_and_each_segment_fits(max_steps, slots):
-    """Replays the forward's stride policy for max_steps attempts: the slot written is always one
-    of the n_slots, and the stride (a segment's length, re-run into the segment buffer) never
-    exceeds it. Without slots: the smallest power of 2 whose square covers max_steps."""
+def test_every_checkpoint_keeps_its_slot_and_each_segment_fits(max_steps, slots):
+    """Replays the forward's slot policy for max_steps attempts: the checkpoint written always
+    has a slot, no write overwrites a live checkpoint (checkpoint k, the state before attempt
+    k·stride, stays in slot_of[k] after every doubling), and the stride (a segment's length,
+    re-run into the segment buffer) never exceeds the segment buffer. Without slots: the
+    smallest power of 2 whose square covers max_steps."""
     n_slots, segment = sizes(max_steps, slots)
     if slots is None:
         assert n_slots * n_slots >= max_steps and (n_slots == 2 or (n_slots // 2) ** 2 < max_steps)
-    stride, held = 1, {}
+    stride, slot_of, held = 1, list(range(n_slots)), {}
     for i in range(max_steps):
         if i // stride >= n_slots:
-            held = {k // 2: v for k, v in held.items() if k % 2 == 0 and k // 2 < (n_slots + 1) // 2}
-            stride *= 2
+            slot_of, stride = slot_of[0::2] + slot_of[1::2], 2 * stride
         assert i // stride < n_slots and stride <= segment, (i, stride)
         if i % stride == 0:
-            held[i // stride] = i
-        assert all(v == k * stride for k, v in held.items())  # slot k holds attempt k·stride
-    assert n_slots + segment <= 2 * max(n_slots, segment)
+            held[slot_of[i // stride]] = i
+        assert all(held[slot_of[k]] == k * stride for k in range(i // stride + 1)), i
+    assert sorted(slot_of) == list(range(n_slots))
 
 
 def _van_der_pol(mu=3.0):
@@ -107,3 +108,19 @@ def test_exact_gradient_and_hessian_vector_product():
     for k, v in exact.items():
         assert abs(float(g[k]) - v) <= 1e-7 * abs(v), (k, float(g[k]), v)
     assert_hvp_matches_differences(L, p, eps=1e-5)
+
+
+def test_learned_end_time():
+    """t1 traced (an array in the problem, as the pipeline's models pass it, or a learned one):
+    the loop's stop test closes over it, and its derivative must not reach the loop's
+    non-differentiable arguments (it failed with "Unexpected tangent"). x' = -k x observed at
+    t1: dL/dt1 = x'(t1) = -k x0 e^(-k t1), and the gradient w.r.t. k and x0 alongside."""
+    def L(t1, p):
+        prob = sv.ODEProblem(lambda t, x, p: -p["k"] * x, lambda p: p["x0"], 0.0, t1)
+        return sv.solve(prob, p, saveat=jnp.stack([t1]), rtol=1e-10, atol=1e-12, sensitivity=sv.Backprop()).ys[-1]
+
+    p = {"k": jnp.asarray(0.7), "x0": jnp.asarray(1.3)}
+    g_t1, g_p = jax.jit(jax.grad(L, argnums=(0, 1)))(jnp.asarray(2.0), p)
+    x = 1.3 * np.exp(-1.4)
+    assert abs(float(g_t1) + 0.7 * x) <= 1e-7 * 0.7 * x
+    assert abs(float(g_p["k"]) + 2.0 * x) <= 1e-7 * 2.0 * x and abs(float(g_p["x0"]) - x / 1.3) <= 1e-7 * x / 1.3
