@@ -21,8 +21,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from . import _history
-from ._reverse_loop import stored_while_loop
 from ._controller import error_norm, initial_step
+from ._reverse_loop import stored_while_loop
 from ._step import rk_step
 from ._tableau import ButcherTableau
 
@@ -56,7 +56,7 @@ class LoopState(NamedTuple):
     rhs_evals: jax.Array
     status: jax.Array
     k1_left: Any = None  # k1 was evaluated with left-sided lookups (FSAL's k_last), for Rhs.param_part
-    overflowed: Any = None  # a rejected attempt had a non-finite stage (see _solve.backprop_checks)
+    overflowed: Any = None  # a rejected attempt Backprop differentiates had a non-finite stage (_solve.backprop_checks)
 
 
 class Rhs(NamedTuple):
@@ -256,8 +256,9 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
     if kind == "stored" and state.hist is not None:  # a slot would hold the whole history buffer
         kind = "checkpointed"
     if kind == "stored":  # an ODE's Backprop without checkpoints (see _reverse_loop)
-        return stored_while_loop(cond, body, state, max_steps=cfg.max_steps, split=lambda st: (st._replace(ys=None), st.ys),
-                                 merge=lambda small, ys: small._replace(ys=ys), identity=lambda st: st.last_rejected)
+        final = stored_while_loop(cond, body, state, max_steps=cfg.max_steps, split=lambda st: (st._replace(ys=None), st.ys),
+                                  merge=lambda small, ys: small._replace(ys=ys), identity=lambda st: st.last_rejected)
+        return final._replace(overflowed=jnp.asarray(False))  # its reverse pass takes no rejected attempt's VJP
     state = _perturbed_as_in_the_loop(state, (stops, rhs.cap, saveat))
     final = eqxi.while_loop(cond, body, state, kind="checkpointed", max_steps=cfg.max_steps, checkpoints=checkpoints,
                             buffers=lambda st: st.ys)

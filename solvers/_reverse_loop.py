@@ -107,7 +107,7 @@ def _loop_fwd(perturbed, vjp_arg, cond, n_slots, segment, max_steps, split, merg
 
 def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, cond, n_slots, segment, max_steps, split, merge, identity):
     final, store, slot_of, taken, n_taken, n, stride = residuals
-    init, body = vjp_arg
+    _, body = vjp_arg
     _, big = split(final)
     ct_final, _ = grad_obj
     ct_state = _zeros_where_none(ct_final, final)
@@ -147,7 +147,7 @@ def _loop_bwd(residuals, grad_obj, perturbed, vjp_arg, cond, n_slots, segment, m
         a = taken[m]
         k = a // stride
         entering = k != held
-        seg = lax.cond(_unvmap_any(entering), lambda: rerun(k, entering, seg), lambda: seg)
+        seg = lax.cond(eqxi.unvmap_any(entering), lambda: rerun(k, entering, seg), lambda: seg)
         ct_state, ct_body = vjp_step(jax.tree.map(lambda b: b[a - k * stride], seg), ct_state, ct_body)
         return m, k, seg, ct_state, ct_body
 
@@ -163,13 +163,3 @@ _loop.def_bwd(_loop_bwd)
 
 def _zeros_where_none(ct, like):
     return jax.tree.map(lambda x, c: jnp.zeros_like(x) if c is None else c, like, ct)
-
-
-def _where(pred, a, b):
-    return jax.tree.map(lambda x, y: jnp.where(pred, x, y), a, b)
-
-
-def _unvmap_any(pred):
-    return eqxi.unvmap_any(pred)
-
-

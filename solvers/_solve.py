@@ -183,13 +183,11 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
         # unbatched under jax.vmap, over the batch, and JAX summed the copies into the gradient)
         floats, others = eqx.partition((prob, p), eqx.is_inexact_array)
         prob, p = eqx.combine(finite_cotangent(floats, opts.on_error), others)
-    final, built = forward_solve(prob, p, saveat, opts, kind="checkpointed" if checkpoints else "stored",
-                                 checkpoints=checkpoints, save_window=opts.grad_differentiated)
+    final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed" if checkpoints else "stored",
+                             checkpoints=checkpoints, save_window=opts.grad_differentiated)
     ys = check_status(final.ys, final.status, opts)
     msgs = tuple(_error_messages(opts))
-    # the stored loop (an ODE without checkpoints, see _forward.run) skips rejected attempts' VJPs
-    overflowed = final.overflowed if checkpoints or built.hist0 is not None else jnp.asarray(False)
-    return (backprop_checks(ys, final.y, final.status, lax.stop_gradient(overflowed), msgs, opts.on_error),
+    return (backprop_checks(ys, final.y, final.status, lax.stop_gradient(final.overflowed), msgs, opts.on_error),
             stats_of(final))
 
 
