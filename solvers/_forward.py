@@ -11,6 +11,7 @@ the stop (hence on learned delays).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import equinox as eqx
@@ -67,13 +68,21 @@ class Rhs(NamedTuple):
     max_delay: Any  # how far back lookups reach (0 for an ODE)
     keep_from: Any = None  # never evict steps ending at or after this time (None: +inf)
     hist_part: tuple[int, int] | None = None  # the history stores y[a:b] of a 1-D state (dense output: y[:b])
-    quadrature: Callable | None = None  # quadrature(t_a, t_b, coeffs) -> increment of LoopState.acc
+    # quadrature(t_a, t_b, coeffs) -> (increment of LoopState.acc, its error estimate)
+    quadrature: Callable | None = None
     n_state: int | None = None  # y[n_state:] is a pure integral of eval's output (see _step.rk_step), never saved
+    # with n_state: boundaries in y between parts whose errors are normed apart (default (n_state,):
+    # the state, then the integrals); a step is accepted when every part is within the tolerance
+    err_groups: tuple = ()
     # param_part(s, z, left, w) -> increment of LoopState.acc: Σ_r w_r g(s_r, z_r, left_r) over records
     # (stage times, stage states, lookup sides, h·b_i of accepted steps, 0 otherwise), taken every
-    # PARAM_CHUNK iterations instead of integrating g at every stage (see _run_chunked)
+    # PARAM_CHUNK iterations instead of integrating g at every stage (see _run_chunked); each
+    # attempt's error estimate in the step control is param_part of its records weighted by h·b_err
+    # (or param_nodes' error weights)
     param_part: Callable | None = None
-    param_nodes: tuple | None = None  # (θ_k, w_k): records at θ_k of each step's dense output, not its stages
+    # (θ_k, w_k, e_k): records at θ_k of each step's dense output, not its stages; w_k the
+    # quadrature weights, e_k those of its error estimate
+    param_nodes: tuple | None = None
     # lookups(hist, t, left) -> looked: what eval reads of the stored history at t, handed back as
     # eval(..., looked); a step reads it for all its later stages at once (see _step.rk_step)
     lookups: Callable | None = None
@@ -158,8 +167,15 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         y1 = step.y1
         finite = jnp.all(jnp.isfinite(y1))
         cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
-        err = (error_norm(step.err, cut(y), cut(y1), rtol, atol) if tab.adaptive
-               else jnp.where(finite, 0.0, jnp.inf))
+        acc = st.acc
+        norms = _error_norms(rhs, step.err, y, y1, rtol, atol) if tab.adaptive else []
+        if rhs.quadrature is not None:
+            increment, quad_err = rhs.quadrature(t, t_next, step.coeffs)
+            norms.append(error_norm(quad_err, st.acc, st.acc + increment, rtol, atol))
+        if rhs.param_part is not None and tab.adaptive:
+            param_err = rhs.param_part(*_records(tab, rhs, st.k1_left, t, h, jnp.asarray(True), step, error=True))
+            norms.append(error_norm(param_err, st.acc, st.acc, rtol, atol))
+        err = functools.reduce(jnp.maximum, norms) if tab.adaptive else jnp.where(finite, 0.0, jnp.inf)
         err = lax.stop_gradient(err)  # it only steers the step size
         accept, h_new, prev_err = cfg.controller.adapt(h, h_default, err, st.last_rejected,
                                                        st.prev_err, tab.error_order or tab.order)
@@ -176,9 +192,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
                 oldest = jnp.minimum(oldest, rhs.keep_from)
             coeffs = step.coeffs if rhs.hist_part is None else step.coeffs[:, slice(*rhs.hist_part)]
             hist, hist_ok = _history.push(hist, t, t_next, coeffs, oldest, accept)
-        acc = st.acc
         if rhs.quadrature is not None:
-            acc = acc + jnp.where(accept, rhs.quadrature(t, t_next, step.coeffs), 0.0)
+            acc = acc + jnp.where(accept, increment, 0.0)
 
         if cfg.land_on_saveat:
             j = jnp.minimum(st.save_idx, n_save - 1)
@@ -330,22 +345,7 @@ def _run_chunked(cond, advance, state, rhs, tab):
     trajectory's accumulator is then read and written once per chunk, not at every stage."""
     dtype, K = state.y.dtype, PARAM_CHUNK
     cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
-    if rhs.param_nodes is None:  # the stages with b_i ≠ 0
-        used = [i for i, b in enumerate(tab.b) if b != 0.0]
-        c, b = (jnp.asarray([row[i] for i in used], dtype) for row in (tab.c, tab.b))
-    else:
-        c, b = (jnp.asarray(v, dtype) for v in rhs.param_nodes)
-    R = c.shape[0]
-
-    def records(st, t, h, accept, step):
-        if rhs.param_nodes is None:
-            xs = jnp.stack([step.x_stages[j] for j in used])
-            left = jnp.stack([st.k1_left if j == 0 else jnp.asarray(_history.reads_left(tab.c[j])) for j in used])
-        else:
-            xs = jnp.stack([cut(_history.horner(step.coeffs, th)) for th in rhs.param_nodes[0]])
-            left = jnp.asarray([_history.reads_left(th) for th in rhs.param_nodes[0]])
-        xs = jnp.where(accept, xs, step.x_stages[0])  # a rejected step's stages may not be finite
-        return t + c * h, xs, left, jnp.where(accept, h * b, 0.0)
+    R = len(_record_points(tab, rhs, error=False)[0])
 
     def chunk(st):
         x0 = cut(st.y)
@@ -355,7 +355,7 @@ def _run_chunked(cond, advance, state, rhs, tab):
         def step(carry):
             st, rec, i = carry
             new, (t, h, accept, step) = advance(st)
-            row = records(st, t, h, accept, step)
+            row = _records(tab, rhs, st.k1_left, t, h, accept, step, error=False)
             rec = tuple(eqxi.buffer_at_set(buf, i, v) for buf, v in zip(rec, row))
             return new, rec, i + 1
 
@@ -366,6 +366,43 @@ def _run_chunked(cond, advance, state, rhs, tab):
         return st._replace(acc=st.acc + rhs.param_part(flat(rec[0]), flat(rec[1]), flat(rec[2]), flat(w)))
 
     return eqxi.while_loop(cond, chunk, state, kind="lax", buffers=_lax_buffers)
+
+
+def _error_norms(rhs: Rhs, err, y, y1, rtol, atol) -> list:
+    """The error norm of each part of the state (Rhs.err_groups): one part without n_state."""
+    if rhs.n_state is None:
+        return [error_norm(err, y, y1, rtol, atol)]
+    bounds = (0,) + (rhs.err_groups or (rhs.n_state,)) + (y.shape[0],)
+    return [error_norm(err[a:b], y[a:b], y1[a:b], rtol, atol) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def _record_points(tab: ButcherTableau, rhs: Rhs, error: bool):
+    """(fractions θ of the step, weights, stage index or None) of one step's records for
+    Rhs.param_part: the stages whose weight b_i (error: b_err_i) is nonzero, or the nodes of
+    Rhs.param_nodes on the step's dense output."""
+    if rhs.param_nodes is None:
+        weights = tab.b_err if error else tab.b
+        used = [i for i, w in enumerate(weights) if w != 0.0]
+        return [tab.c[i] for i in used], [weights[i] for i in used], used
+    theta, w, e = rhs.param_nodes
+    return list(theta), list(e if error else w), None
+
+
+def _records(tab, rhs, k1_left, t, h, accept, step, error):
+    """(times, states, lookup sides, weights h·w) of one step's records (see _record_points);
+    a rejected step's are zero-weighted and read at its start (its stages may not be finite)."""
+    dtype = step.y1.dtype
+    theta, weights, used = _record_points(tab, rhs, error)
+    c, w = jnp.asarray(theta, dtype), jnp.asarray(weights, dtype)
+    if used is not None:
+        xs = jnp.stack([step.x_stages[j] for j in used])
+        left = jnp.stack([k1_left if j == 0 else jnp.asarray(_history.reads_left(tab.c[j])) for j in used])
+    else:
+        cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
+        xs = jnp.stack([cut(_history.horner(step.coeffs, th)) for th in theta])
+        left = jnp.asarray([_history.reads_left(th) for th in theta])
+    xs = jnp.where(accept, xs, step.x_stages[0])
+    return t + c * h, xs, left, jnp.where(accept, h * w, 0.0)
 
 
 def _cond_any(pred, compute, otherwise):

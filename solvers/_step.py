@@ -44,7 +44,9 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, loo
 
     n_state: when set (1-D y), only y[:n_state] is a state that f reads; the rest is a pure
     integral of f's output (an adjoint's ∫ f_pᵀλ). f then receives y[:n_state] only, the
-    integral is advanced with the weights b alone, and err and coeffs cover the state only.
+    integral is advanced with the weights b alone, and coeffs cover the state only; err covers
+    all of y, the integrals' quadrature error (weights b_err) included: a step whose state is
+    exact (λ constant where f_x = 0) may still integrate them badly.
     n_dense (≥ n_state): coeffs cover y[:n_dense], the state and the integrals right after it
     whose dense output is read (a DDE adjoint's ∫ μ_j, see sensitivity/_adjoint.py).
     """
@@ -71,7 +73,11 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, loo
         y1 = x1
     else:
         y1 = jnp.concatenate([x1, y[n_state:] + h * _combine(cast(tab.b), [k[n_state:] for k in ks])])
-    err = h * _combine(cast(tab.b_err), kx) if tab.adaptive else None
+    err = None
+    if tab.adaptive:
+        err = h * _combine(cast(tab.b_err), kx)
+        if n_state is not None:
+            err = jnp.concatenate([err, h * _combine(cast(tab.b_err), [k[n_state:] for k in ks])])
     if n_dense is not None and n_dense != n_state:
         x, kx = y[:n_dense], [k[:n_dense] for k in ks]
     dense = [h * _combine(cast([row[p] for row in tab.dense]), kx) for p in range(tab.degree)]
