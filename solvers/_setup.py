@@ -36,6 +36,9 @@ class Options:
     grad_differentiated: bool = False  # jax.grad under jax.jvp (a Hessian-vector product, jax.hessian)
     rounding_hint: str = ""  # added to the step budget and underflow errors when rtol is near eps
     dde: bool = False  # the step budget error says that a DDE's step is at most its smallest delay
+    # capacity of a DDE adjoint's backward-sweep buffer (None: history_size). Its overflow shows
+    # only in the backward pass, where solve cannot grow it and run again (see solve)
+    sweep_history_size: int | None = None
 
     @property
     def on_error(self) -> str:

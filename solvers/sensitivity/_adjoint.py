@@ -305,7 +305,8 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
 
     cfg = _forward.LoopConfig(opts.tableau, opts.controller, opts.max_steps, opts.history_size, True)
     rtol, atol = jnp.asarray(opts.rtol, dtype), jnp.asarray(opts.atol, dtype)
-    hist_b = _history.empty(opts.history_size, opts.tableau.degree, Z0[n_lam:n_lam + n_mu]) if is_dde else None
+    sweep_capacity = opts.sweep_history_size or opts.history_size
+    hist_b = _history.empty(sweep_capacity, opts.tableau.degree, Z0[n_lam:n_lam + n_mu]) if is_dde else None
     acc0 = jnp.zeros((n_p,), dtype) if quadrature or deferred else None
     probe_shape = (taus.shape[0], size_z) if is_dde else None
 
