@@ -58,6 +58,24 @@ class LoopState(NamedTuple):
     status: jax.Array
     k1_left: Any = None  # k1 was evaluated with left-sided lookups (FSAL's k_last), for Rhs.param_part
     overflowed: Any = None  # a rejected attempt Backprop differentiates had a non-finite stage (_solve.backprop_checks)
+    decisions: Any = None  # Decisions being recorded (see record_decisions), or None
+
+
+class Decisions(NamedTuple):
+    """Every step attempt's choices, by attempt number: the controller's step (before landing),
+    whether it landed on its stop, whether it was accepted. A loop that replays them takes the
+    recorded steps whatever its own error estimates say."""
+
+    h_try: jax.Array  # (max_steps,)
+    land: jax.Array  # (max_steps,) bool
+    accept: jax.Array  # (max_steps,) bool
+
+
+def record_decisions(state: LoopState, max_steps: int) -> LoopState:
+    """state, set to record each attempt's Decisions as the loop runs."""
+    dtype = state.y.dtype
+    return state._replace(decisions=Decisions(jnp.zeros((max_steps,), dtype), jnp.zeros((max_steps,), bool),
+                                              jnp.zeros((max_steps,), bool)))
 
 
 class Rhs(NamedTuple):
@@ -121,7 +139,8 @@ def init_state(cfg: LoopConfig, rhs: Rhs, y0, t0, t1, saveat, rtol, atol, dt0, h
 
 
 def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_bp, rtol, atol, dt0,
-        kind="lax", checkpoints=None, impulses=None, probe_times=None, probe_fn=None, save_window=False) -> LoopState:
+        kind="lax", checkpoints=None, impulses=None, probe_times=None, probe_fn=None, save_window=False,
+        replay: Decisions | None = None) -> LoopState:
     """Step from ``state`` until t1 (or an error status).
 
     kind: "lax" (forward-mode differentiable), "checkpointed" (reverse-mode, equinox's
@@ -132,6 +151,11 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
     ``probe_fn(hist, t, y)`` (default: y before any impulse) into LoopState.probes.
     save_window: with land_on_saveat=False and kind "checkpointed", write passed save times by
     _save_window (the loop is then forward-differentiable too) instead of an inner loop.
+    replay: Decisions recorded by a run of the same solve (record_decisions): each attempt takes
+    the recorded step, landing and acceptance. A reverse-mode loop that recomputes steps from its
+    checkpoints runs them in another compiled program, which rounds differently; the error
+    estimate (a difference of nearly equal solutions) turns that rounding into step sizes ~1e-9
+    apart, and the reverse pass would differentiate a neighbouring discrete solution.
     """
     tab = cfg.tableau
     dtype = state.y.dtype
@@ -154,11 +178,13 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             # a grid choice, without derivative (else t would carry one in every step's reverse pass)
             cap_stop = lax.stop_gradient(jnp.where(last < n_save, saveat[jnp.minimum(last, n_save - 1)], jnp.inf))
             stop, stop_bp = jnp.minimum(stop, cap_stop), stop_bp & (stop <= cap_stop)
-        h_try = jnp.minimum(st.h, rhs.cap)
+        attempt = jnp.minimum(st.accepted + st.rejected, cfg.max_steps - 1)
+        h_try = jnp.minimum(st.h, rhs.cap) if replay is None else replay.h_try[attempt]
         # a stop τ_min past a breakpoint is another sum of the delays than t + τ_min and may lie an
         # ulp beyond it: capped steps then stopped an ulp short and left a step of an ulp, whose stages
         # read the jumps on the wrong side (dL/dτ off by 3.9e-3 at rtol 1e-3, τ = 0.3 from t0 = 0.37)
         land = (stop - t) <= jnp.minimum(1.01 * h_try, rhs.cap + _history.side_tolerance(t, stop))
+        land = land if replay is None else replay.land[attempt]
         h = jnp.where(land, stop - t, h_try)
         t_next = jnp.where(land, stop, t + h)
         lookups = None if rhs.lookups is None else jax.vmap(lambda s, left: rhs.lookups(st.hist, s, left))
@@ -179,7 +205,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         err = lax.stop_gradient(err)  # it only steers the step size
         accept, h_new, prev_err = cfg.controller.adapt(h, h_default, err, st.last_rejected,
                                                        st.prev_err, tab.error_order or tab.order)
-        accept = accept & finite
+        accept = accept & finite if replay is None else replay.accept[attempt]
         h_new = jnp.where(accept & land, jnp.maximum(h_new, st.h), h_new)
         h_new = lax.stop_gradient(h_new)
 
@@ -253,12 +279,15 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
             status = jnp.where(finite, status, NONFINITE)
         status = jnp.where(hist_ok, status, HISTORY_FULL)
         status = jnp.where((t_new >= t1) & (status == MAX_STEPS), OK, status)
-        return LoopState(
+        new = LoopState(
             t=t_new, y=y_new, k1=k1, h=h_new, prev_err=jnp.where(accept, prev_err, st.prev_err),
             last_rejected=~accept, nonfinite=~finite, ys=ys, save_idx=save_idx,
             hist=hist, acc=acc, probes=probes, accepted=accepted, rejected=rejected, rhs_evals=st.rhs_evals + evals,
             status=status.astype(jnp.int32), k1_left=k1_left,
-            overflowed=st.overflowed | (~accept & ~(finite & jnp.isfinite(err)))), (t, h, accept, step)
+            overflowed=st.overflowed | (~accept & ~(finite & jnp.isfinite(err))),
+            decisions=None if st.decisions is None else Decisions(
+                *(eqxi.buffer_at_set(buf, attempt, v) for buf, v in zip(st.decisions, (h_try, land, accept)))))
+        return new, (t, h, accept, step)
 
     def body(st: LoopState) -> LoopState:
         return advance(st)[0]
@@ -416,7 +445,8 @@ def _cond_any(pred, compute, otherwise):
 
 
 def _lax_buffers(st: LoopState):
-    return (st.ys,) if st.hist is None else (st.ys, st.hist.coeffs)
+    recorded = () if st.decisions is None else tuple(st.decisions)
+    return ((st.ys,) if st.hist is None else (st.ys, st.hist.coeffs)) + recorded
 
 
 def _save_interpolated(ys, save_idx, saveat, accept, t_a, t_b, coeffs, kind):

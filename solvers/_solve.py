@@ -163,15 +163,27 @@ def _positive(name, value) -> float:
     raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, save_window=False):
-    """Run the forward loop; returns (final LoopState, Built)."""
+def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, save_window=False, replay=None,
+                  record=False):
+    """Run the forward loop; returns (final LoopState, Built). record: the final state holds
+    every attempt's _forward.Decisions; replay: take those of a recording run."""
     built = build(prob, p, saveat, opts)
     cfg = opts.loop_config()
     state = _forward.init_state(cfg, built.rhs, built.y0, built.t0, built.t1, saveat, built.rtol, built.atol,
                                 opts.dt0, built.hist0)
+    if record:
+        state = _forward.record_decisions(state, opts.max_steps)
     final = _forward.run(cfg, built.rhs, state, built.t1, saveat, built.stops, built.stop_is_bp, built.rtol,
-                         built.atol, opts.dt0, kind=kind, checkpoints=checkpoints, save_window=save_window)
+                         built.atol, opts.dt0, kind=kind, checkpoints=checkpoints, save_window=save_window,
+                         replay=replay)
     return final, built
+
+
+def recorded_decisions(prob, p, saveat, opts: Options):
+    """Every step attempt's decisions in the plain forward solve (no derivative flows)."""
+    floats, others = eqx.partition((prob, p, saveat), eqx.is_inexact_array)
+    prob, p, saveat = eqx.combine(lax.stop_gradient(floats), others)
+    return forward_solve(prob, p, saveat, opts, record=True)[0].decisions
 
 
 def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
@@ -183,8 +195,11 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
         # unbatched under jax.vmap, over the batch, and JAX summed the copies into the gradient)
         floats, others = eqx.partition((prob, p), eqx.is_inexact_array)
         prob, p = eqx.combine(finite_cotangent(floats, opts.on_error), others)
+    # A DDE's loop (equinox's checkpointed loop) recomputes steps from its checkpoints in the
+    # backward program: it replays the decisions of a plain solve (see _forward.run's replay)
+    replay = recorded_decisions(prob, p, saveat, opts) if opts.dde else None
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed" if checkpoints else "stored",
-                             checkpoints=checkpoints, save_window=opts.grad_differentiated)
+                             checkpoints=checkpoints, save_window=opts.grad_differentiated, replay=replay)
     ys = check_status(final.ys, final.status, opts)
     msgs = tuple(_error_messages(opts))
     return (backprop_checks(ys, final.y, final.status, lax.stop_gradient(final.overflowed), msgs, opts.on_error),
