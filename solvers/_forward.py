@@ -86,21 +86,17 @@ class Rhs(NamedTuple):
     max_delay: Any  # how far back lookups reach (0 for an ODE)
     keep_from: Any = None  # never evict steps ending at or after this time (None: +inf)
     hist_part: tuple[int, int] | None = None  # the history stores y[a:b] of a 1-D state (dense output: y[:b])
-    # quadrature(t_a, t_b, coeffs) -> (increment of LoopState.acc, its error estimate)
-    quadrature: Callable | None = None
+    quadrature: Callable | None = None  # quadrature(t_a, t_b, coeffs) -> increment of LoopState.acc
     n_state: int | None = None  # y[n_state:] is a pure integral of eval's output (see _step.rk_step), never saved
     # with n_state: boundaries in y between parts whose errors are normed apart (default (n_state,):
     # the state, then the integrals); a step is accepted when every part is within the tolerance
     err_groups: tuple = ()
     # param_part(s, z, left, w) -> increment of LoopState.acc: Σ_r w_r g(s_r, z_r, left_r) over records
     # (stage times, stage states, lookup sides, h·b_i of accepted steps, 0 otherwise), taken every
-    # PARAM_CHUNK iterations instead of integrating g at every stage (see _run_chunked); each
-    # attempt's error estimate in the step control is param_part of its records weighted by h·b_err
-    # (or param_nodes' error weights)
+    # PARAM_CHUNK iterations instead of integrating g at every stage (see _run_chunked)
     param_part: Callable | None = None
-    # (θ_k, w_k, e_k): records at θ_k of each step's dense output, not its stages; w_k the
-    # quadrature weights, e_k those of its error estimate
-    param_nodes: tuple | None = None
+    param_nodes: tuple | None = None  # (θ_k, w_k): records at θ_k of each step's dense output, not its stages
+    uncontrolled_from: int | None = None  # with n_state: y[uncontrolled_from:] is outside the step control
     # lookups(hist, t, left) -> looked: what eval reads of the stored history at t, handed back as
     # eval(..., looked); a step reads it for all its later stages at once (see _step.rk_step)
     lookups: Callable | None = None
@@ -163,7 +159,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
     h_default = state.h if dt0 is None else lax.stop_gradient(jnp.asarray(dt0, dtype))
     if (impulses is not None or rhs.n_state is not None) and not cfg.land_on_saveat:
         raise ValueError("impulses and n_state need land_on_saveat=True")
-    window = save_window and not cfg.land_on_saveat and kind != "lax"
+    # a recording run writes as the loop that replays it will (see replay)
+    window = save_window and not cfg.land_on_saveat and (kind != "lax" or state.decisions is not None)
 
     def cond(st):
         return (st.t < t1) & (st.status == OK)
@@ -196,11 +193,7 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         acc = st.acc
         norms = _error_norms(rhs, step.err, y, y1, rtol, atol) if tab.adaptive else []
         if rhs.quadrature is not None:
-            increment, quad_err = rhs.quadrature(t, t_next, step.coeffs)
-            norms.append(error_norm(quad_err, st.acc, st.acc + increment, rtol, atol))
-        if rhs.param_part is not None and tab.adaptive:
-            param_err = rhs.param_part(*_records(tab, rhs, st.k1_left, t, h, jnp.asarray(True), step, error=True))
-            norms.append(error_norm(param_err, st.acc, st.acc, rtol, atol))
+            increment = rhs.quadrature(t, t_next, step.coeffs)
         err = functools.reduce(jnp.maximum, norms) if tab.adaptive else jnp.where(finite, 0.0, jnp.inf)
         err = lax.stop_gradient(err)  # it only steers the step size
         accept, h_new, prev_err = cfg.controller.adapt(h, h_default, err, st.last_rejected,
@@ -374,7 +367,7 @@ def _run_chunked(cond, advance, state, rhs, tab):
     trajectory's accumulator is then read and written once per chunk, not at every stage."""
     dtype, K = state.y.dtype, PARAM_CHUNK
     cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
-    R = len(_record_points(tab, rhs, error=False)[0])
+    R = len(_record_points(tab, rhs)[0])
 
     def chunk(st):
         x0 = cut(st.y)
@@ -384,7 +377,7 @@ def _run_chunked(cond, advance, state, rhs, tab):
         def step(carry):
             st, rec, i = carry
             new, (t, h, accept, step) = advance(st)
-            row = _records(tab, rhs, st.k1_left, t, h, accept, step, error=False)
+            row = _records(tab, rhs, st.k1_left, t, h, accept, step)
             rec = tuple(eqxi.buffer_at_set(buf, i, v) for buf, v in zip(rec, row))
             return new, rec, i + 1
 
@@ -401,27 +394,27 @@ def _error_norms(rhs: Rhs, err, y, y1, rtol, atol) -> list:
     """The error norm of each part of the state (Rhs.err_groups): one part without n_state."""
     if rhs.n_state is None:
         return [error_norm(err, y, y1, rtol, atol)]
-    bounds = (0,) + (rhs.err_groups or (rhs.n_state,)) + (y.shape[0],)
+    end = y.shape[0] if rhs.uncontrolled_from is None else rhs.uncontrolled_from
+    bounds = (0,) + (rhs.err_groups or (rhs.n_state,)) + (end,)
     return [error_norm(err[a:b], y[a:b], y1[a:b], rtol, atol) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
-def _record_points(tab: ButcherTableau, rhs: Rhs, error: bool):
+def _record_points(tab: ButcherTableau, rhs: Rhs):
     """(fractions θ of the step, weights, stage index or None) of one step's records for
-    Rhs.param_part: the stages whose weight b_i (error: b_err_i) is nonzero, or the nodes of
-    Rhs.param_nodes on the step's dense output."""
+    Rhs.param_part: the stages whose weight b_i is nonzero, or the nodes of Rhs.param_nodes on the
+    step's dense output."""
     if rhs.param_nodes is None:
-        weights = tab.b_err if error else tab.b
-        used = [i for i, w in enumerate(weights) if w != 0.0]
-        return [tab.c[i] for i in used], [weights[i] for i in used], used
-    theta, w, e = rhs.param_nodes
-    return list(theta), list(e if error else w), None
+        used = [i for i, w in enumerate(tab.b) if w != 0.0]
+        return [tab.c[i] for i in used], [tab.b[i] for i in used], used
+    theta, w = rhs.param_nodes
+    return list(theta), list(w), None
 
 
-def _records(tab, rhs, k1_left, t, h, accept, step, error):
+def _records(tab, rhs, k1_left, t, h, accept, step):
     """(times, states, lookup sides, weights h·w) of one step's records (see _record_points);
     a rejected step's are zero-weighted and read at its start (its stages may not be finite)."""
     dtype = step.y1.dtype
-    theta, weights, used = _record_points(tab, rhs, error)
+    theta, weights, used = _record_points(tab, rhs)
     c, w = jnp.asarray(theta, dtype), jnp.asarray(weights, dtype)
     if used is not None:
         xs = jnp.stack([step.x_stages[j] for j in used])

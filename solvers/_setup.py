@@ -34,6 +34,7 @@ class Options:
     # inside that program a jax.jvp or jax.grad applied outside it leaves no tracer
     forward_only: bool = False  # jax.jvp / jax.jacfwd of the solve: the plain loop, no custom VJP
     grad_differentiated: bool = False  # jax.grad under jax.jvp (a Hessian-vector product, jax.hessian)
+    reverse: bool = False  # under jax.grad or jax.vjp (reverse mode)
     rounding_hint: str = ""  # added to the step budget and underflow errors when rtol is near eps
     dde: bool = False  # the step budget error says that a DDE's step is at most its smallest delay
     # capacity of a DDE adjoint's backward-sweep buffer (None: history_size). Its overflow shows

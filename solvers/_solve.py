@@ -180,10 +180,12 @@ def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, 
 
 
 def recorded_decisions(prob, p, saveat, opts: Options):
-    """Every step attempt's decisions in the plain forward solve (no derivative flows)."""
+    """Every step attempt's decisions in the plain forward solve (no derivative flows), for the
+    differentiated loops of Backprop and ForwardMode to replay: both then differentiate the one
+    discrete solution whatever programs XLA compiles them into (see _forward.run's replay)."""
     floats, others = eqx.partition((prob, p, saveat), eqx.is_inexact_array)
     prob, p, saveat = eqx.combine(lax.stop_gradient(floats), others)
-    return forward_solve(prob, p, saveat, opts, record=True)[0].decisions
+    return forward_solve(prob, p, saveat, opts, save_window=opts.grad_differentiated, record=True)[0].decisions
 
 
 def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
@@ -197,7 +199,7 @@ def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):
         prob, p = eqx.combine(finite_cotangent(floats, opts.on_error), others)
     # A DDE's loop (equinox's checkpointed loop) recomputes steps from its checkpoints in the
     # backward program: it replays the decisions of a plain solve (see _forward.run's replay)
-    replay = recorded_decisions(prob, p, saveat, opts) if opts.dde else None
+    replay = recorded_decisions(prob, p, saveat, opts) if opts.dde and opts.reverse else None
     final, _ = forward_solve(prob, p, saveat, opts, kind="checkpointed" if checkpoints else "stored",
                              checkpoints=checkpoints, save_window=opts.grad_differentiated, replay=replay)
     ys = check_status(final.ys, final.status, opts)
@@ -240,9 +242,9 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     keeps within max τ before its checkpoints, all checkpoints together. Left at None, outside
     jit and vmap (an eager ``jax.grad`` included) a solve whose buffer fills is run again with
     4x the buffer, up to max_steps, and a DDE adjoint's backward sweep then gets 4x that again;
-    under jit or vmap, and where the backward sweep alone fills its buffer, it stops with an
-    error that says to raise history_size. An explicit history_size is a cap: the solve never
-    grows it.
+    under jit or vmap, with throw=False (which raises nothing), and where the backward sweep
+    alone fills its buffer, it stops with an error (NaN) that says to raise history_size. An
+    explicit history_size is a cap: the solve never grows it.
     throw: a failure inside the solve or its gradient (step budget exhausted, step size
     underflow, NaN in the state, history buffer full, a non-positive delay, bad saveat) raises
     an error that says what to change (the default), also from a jitted gradient that never
@@ -318,7 +320,7 @@ def solve(prob, p=None, *, saveat=None, solver=None, rtol=1e-6, atol=1e-8, sensi
     depth, forward_only = differentiation((prob, p, saveat, dt0))
     opts = Options(tab, controller, float(rtol), float(atol), max_steps, dt0, history_size,
                    bool(land_on_saveat), bool(_track_breakpoints), throw, separate,
-                   forward_only=forward_only, grad_differentiated=depth >= 2,
+                   forward_only=forward_only, grad_differentiated=depth >= 2, reverse=depth >= 1 and not forward_only,
                    rounding_hint=_rounding_hint(rtol, dtype), dde=isinstance(prob, DDEProblem))
     if not _outside_jit_and_vmap((prob, p, saveat, dt0)):
         return _solve_traced(prob, p, saveat, dt0, opts, sensitivity)

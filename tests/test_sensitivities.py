@@ -418,10 +418,8 @@ def test_compare_sensitivities_raises_when_every_method_fails():
 def test_sensitivity_arguments_are_checked():
     with pytest.raises(ValueError, match="checkpoints must be a positive int, got 0"):
         sv.InterpolatingAdjoint(checkpoints=0)
-    with pytest.raises(ValueError, match="nodes must be an int in 2..8"):
+    with pytest.raises(ValueError, match="nodes must be an int in 1..8"):
         sv.QuadratureAdjoint(nodes=20)
-    with pytest.raises(ValueError, match=r"nodes must be an int in 2..8 \(two nodes at least"):
-        sv.QuadratureAdjoint(nodes=1)
     with pytest.raises(TypeError, match="sensitivity must be one of"):
         sv.solve(pendulum(), {"m": 1.0, "k": 2.0, "q0": 1.0}, sensitivity="adjoint")
 

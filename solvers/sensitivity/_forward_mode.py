@@ -52,12 +52,12 @@ def _contract(jac, tangents):
 
 
 def forward_mode_solve(prob, p, saveat, opts):
-    from .._solve import check_gradient, check_status, forward_solve, stats_of
+    from .._solve import check_gradient, check_status, forward_solve, recorded_decisions, stats_of
 
     arrays, static = _closure.split(prob, p)  # the problem's own arrays travel as explicit inputs
 
-    def outputs(prob, p, saveat):
-        final, _ = forward_solve(prob, p, saveat, opts)
+    def outputs(prob, p, saveat, replay=None):
+        final, _ = forward_solve(prob, p, saveat, opts, replay=replay)
         return (check_status(final.ys, final.status, opts), stats_of(final)), final.status
 
     @jax.custom_jvp
@@ -72,8 +72,11 @@ def forward_mode_solve(prob, p, saveat, opts):
         diff, const = _split_by_tangent(arrays, tarrays)
         moving = (p_moving, diff)
 
+        # a DDE's tangents follow the decisions of the plain solve that Backprop replays too
+        replay = recorded_decisions(eqx.combine(arrays, static), p, saveat, opts) if opts.dde else None
+
         def solve(P):
-            out, status = outputs(_closure.rebuild(P[1], const, static), eqx.combine(P[0], p_still), saveat)
+            out, status = outputs(_closure.rebuild(P[1], const, static), eqx.combine(P[0], p_still), saveat, replay)
             return out[0], (out, status)
 
         if jax.tree_util.tree_leaves(moving):
