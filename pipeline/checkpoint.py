@@ -21,7 +21,9 @@ import hashlib
 import os
 import pathlib
 import re
+import stat
 import time
+import tomllib
 import warnings
 
 import h5py
@@ -80,13 +82,29 @@ class Restored:
     path: pathlib.Path
 
 
+def not_a_regular_file(path) -> str | None:
+    """Why ``path`` cannot be opened as a file without risk (a FIFO blocks open(), a device or a
+    symlink reads something else), or None for a regular file. Does not follow symlinks."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a symlink" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file")
+    return f"is {kind}, not a regular file"
+
+
 class CheckpointManager:
-    """``save`` / ``restore`` / ``latest_step`` over ``directory/step_XXXXXXXX.h5``,
-    keeping the newest ``keep`` files."""
+    """``save`` / ``restore`` / ``latest_step`` over ``directory/step_XXXXXXXX.h5``, keeping the
+    newest ``keep`` files that verify. Files that do not verify are never deleted (a warning
+    names them); the file just written is never deleted."""
 
     def __init__(self, directory, keep: int = 3):
         self.directory = pathlib.Path(directory)
         self.keep = keep
+        self._verified = {}  # (step, st_ino, st_size, st_mtime_ns) -> verify's answer
 
     def path(self, step: int) -> pathlib.Path:
         return self.directory / f"step_{step:08d}.h5"
@@ -127,12 +145,38 @@ class CheckpointManager:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        for old in self.steps()[:-self.keep]:
-            self.path(old).unlink(missing_ok=True)
+        self._rotate(step)
         return final
+
+    def _rotate(self, written: int) -> None:
+        """Delete the files that verify beyond the newest ``keep`` that do, the file just written
+        counted among those kept whatever its step number."""
+        kept, broken = 1, []
+        for step in sorted((s for s in self.steps() if s != written), reverse=True):
+            why = self.verify(step)
+            if why is not None:
+                broken.append(f"{self.path(step).name} ({why})")
+            elif kept < self.keep:
+                kept += 1
+            else:
+                self.path(step).unlink(missing_ok=True)
+        if broken:
+            warnings.warn(f"left in {self.directory}, not rotated, as they do not verify: {'; '.join(broken)}",
+                          stacklevel=3)
 
     def verify(self, step: int) -> str | None:
         """None if the file at ``step`` is complete and intact, else why not."""
+        path = self.path(step)
+        why = not_a_regular_file(path)
+        if why is not None:
+            return why
+        st = os.stat(path)
+        key = (step, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in self._verified:
+            self._verified[key] = self._check(step)
+        return self._verified[key]
+
+    def _check(self, step: int) -> str | None:
         try:
             with h5py.File(self.path(step), "r") as f:
                 if f.attrs.get("format") != FORMAT or f.attrs.get("version") != VERSION:
@@ -141,9 +185,9 @@ class CheckpointManager:
                     return "sha256 does not match the contents"
                 if int(f.attrs["step"]) != step:
                     return f"step attr {int(f.attrs['step'])} does not match the file name"
-        except (OSError, KeyError, ValueError) as err:
+                return _layout_error(f)
+        except (OSError, KeyError, ValueError, TypeError) as err:
             return f"unreadable ({err})"
-        return None
 
     def latest_valid_step(self) -> int | None:
         """The newest step whose file verifies; broken newer files are skipped with a warning."""
@@ -156,12 +200,34 @@ class CheckpointManager:
 
     def restore(self, step: int, params_like, opt_state_like) -> Restored:
         path = self.path(step)
+        why = not_a_regular_file(path)
+        if why is not None:
+            raise CheckpointError(f"{path} {why}")
         with h5py.File(path, "r") as f:
             params = _read_tree(f["params"], params_like, path)
             opt_state = _read_tree(f["opt_state"], opt_state_like, path)
             metrics = {k: f["metrics"][k][...] for k in f["metrics"]}
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
             return Restored(int(f.attrs["step"]), params, opt_state, f["rng"][...], metrics, attrs, path)
+
+
+def _layout_error(f: h5py.File) -> str | None:
+    """What the layout in the module docstring lacks in ``f`` (a file signed again after an
+    edit carries a valid sha256), or None."""
+    for name, kind in (("params", h5py.Group), ("opt_state", h5py.Group), ("metrics", h5py.Group),
+                       ("rng", h5py.Dataset)):
+        if not isinstance(f.get(name), kind):
+            return f"no {'group' if kind is h5py.Group else 'dataset'} /{name}"
+    config = f.attrs.get("config")
+    if isinstance(config, bytes):
+        config = config.decode("utf-8", "replace")
+    if not isinstance(config, str):
+        return "no config attr (the job as TOML text)"
+    try:
+        tomllib.loads(config)
+    except tomllib.TOMLDecodeError as err:
+        return f"its config attr is not TOML ({err})"
+    return None
 
 
 def _read_tree(group, like, path):
@@ -179,5 +245,8 @@ def _read_tree(group, like, path):
 
 
 def read_attrs(path) -> dict:
+    why = not_a_regular_file(path)
+    if why is not None:
+        raise CheckpointError(f"{path} {why}")
     with h5py.File(path, "r") as f:
         return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}

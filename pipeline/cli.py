@@ -15,6 +15,10 @@ def _train(args):
     from . import config, runner
 
     job = config.load(args.job, args.set)
+    if args.dry_run:
+        print(runner.dry_run(job, args.run_dir, backend=args.backend, workers=args.workers, scheduler=args.scheduler,
+                             steps=args.steps))
+        return 0
     summary = runner.start(job, args.run_dir, backend=args.backend, workers=args.workers,
                            scheduler=args.scheduler, steps=args.steps)
     return _print_summary(summary)
@@ -108,11 +112,22 @@ def _slurm_flags(args):
                                           "partition")}
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1 (a count of steps, workers or nodes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _add_slurm_flags(p):
     p.add_argument("--backend", choices=("mpi", "dask"), help="override backend.kind")
-    p.add_argument("--steps", type=int, help="override train.steps")
-    p.add_argument("--nodes", type=int, help="override slurm.nodes")
-    p.add_argument("--ntasks-per-node", type=int, help="override slurm.ntasks_per_node (ranks or workers)")
+    p.add_argument("--steps", type=_positive, help="override train.steps")
+    p.add_argument("--nodes", type=_positive, help="override slurm.nodes")
+    p.add_argument("--ntasks-per-node", type=_positive, help="override slurm.ntasks_per_node (ranks or workers)")
     p.add_argument("--gpus-per-node", type=int, help="override slurm.gpus_per_node")
     p.add_argument("--time", help="override slurm.time, e.g. 02:00:00")
     p.add_argument("--partition", help="override slurm.partition")
@@ -122,9 +137,9 @@ def _add_slurm_flags(p):
 
 def _add_backend_flags(p, with_steps_help):
     p.add_argument("--backend", choices=("local", "dask", "dask-slurm", "mpi"), help="override backend.kind")
-    p.add_argument("--workers", type=int, help="override backend.workers (dask workers / local shards)")
+    p.add_argument("--workers", type=_positive, help="override backend.workers (dask workers / local shards)")
     p.add_argument("--scheduler", help="dask: tcp://host:port of an existing scheduler")
-    p.add_argument("--steps", type=int, help=with_steps_help)
+    p.add_argument("--steps", type=_positive, help=with_steps_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_flags(p, "override train.steps")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one job key (TOML value), repeatable")
+    p.add_argument("--dry-run", action="store_true", help="check the job, run directory and data; write nothing")
     p.set_defaults(func=_train)
     p = sub.add_parser("submit", help="render RUN_DIR/job.sbatch and submit it with sbatch (prints the job id)")
     p.add_argument("job")

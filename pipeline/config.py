@@ -8,6 +8,7 @@ that names the key (``section.key``) and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import pathlib
 import re
@@ -19,8 +20,14 @@ class ConfigError(ValueError):
     """A job file or override that does not describe a valid job."""
 
 
+INT_MAX = 2**31 - 1  # counts and sizes: the solver's loop counters are int32
+SEED_MAX = 2**32 - 1  # seeds go into uint32 PRNG keys and uint64 checkpoint datasets
+
+
 def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, pattern=None, item=int, doc="",
           hint="no spaces, quotes, $ or newlines"):
+    if hi is None and type(default) is int:
+        hi = INT_MAX
     return dataclasses.field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi,
                                                         "lo_open": lo_open, "pattern": pattern, "item": item,
                                                         "doc": doc, "hint": hint})
@@ -31,7 +38,7 @@ class ModelConfig:
     kind: str = _spec("hnn", choices=("hnn", "ndde", "delayed_gradient"))
     hidden: tuple = _spec((32, 32), doc="widths of the MLP's hidden layers")
     tau_init: float = _spec(1.0, lo=0.0, lo_open=True, doc="initial delay (DDE models)")
-    seed: int = _spec(0, lo=0)
+    seed: int = _spec(0, lo=0, hi=SEED_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +50,7 @@ class DataConfig:
     t1: float = _spec(3.0, lo=0.0, lo_open=True)
     n_times: int = _spec(31, lo=2)
     noise: float = _spec(0.0, lo=0.0)
-    seed: int = _spec(1, lo=0)
+    seed: int = _spec(1, lo=0, hi=SEED_MAX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +71,7 @@ class SolverConfig:
 class TrainConfig:
     steps: int = _spec(100, lo=1)
     batch_size: int = _spec(64, lo=1)
-    seed: int = _spec(0, lo=0)
+    seed: int = _spec(0, lo=0, hi=SEED_MAX)
     on_nonfinite: str = _spec("stop", choices=("stop", "skip"))
     max_skips_in_a_row: int = _spec(10, lo=1, doc='on_nonfinite = "skip": stop after this many failed steps in a row')
 
@@ -115,7 +122,7 @@ class SlurmConfig:
     qos: str = _spec("", pattern=_SLURM_WORD)
     extra: tuple = _spec((), item=str, pattern=r"--[a-z][a-z-]*(=[A-Za-z0-9_.,:/@%+=-]*)?",
                          doc='extra #SBATCH options, e.g. ["--constraint=a100"]')
-    signal_grace: int = _spec(120, lo=1, doc="seconds between USR1 and the time limit")
+    signal_grace: int = _spec(120, lo=1, hi=65535, doc="seconds between USR1 and the time limit (below slurm.time)")
     launcher: str = _spec("mpiexec", choices=("mpiexec", "srun"), doc="how the mpi backend starts ranks")
 
 
@@ -180,7 +187,11 @@ def _check_value(section: str, field: dataclasses.Field, value: Any):
             raise ConfigError(f"{where} must be a non-empty list of positive integers, got {value!r}")
         return tuple(value)
     if want is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ConfigError(f"{where} must be a finite float, got an integer of {len(str(abs(value)))} "
+                              "digits") from None
     if not isinstance(value, want) or isinstance(value, bool) != (want is bool):
         raise ConfigError(f"{where} must be of type {want.__name__}, got {value!r} ({type(value).__name__})")
     if meta["pattern"] is not None and not re.fullmatch(meta["pattern"], value):
@@ -212,8 +223,9 @@ def _section(section: str, table: Any):
 def from_dict(raw: dict, default_name: str = "job") -> JobConfig:
     raw = dict(raw)
     name = raw.pop("name", default_name)
-    if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name):
-        raise ConfigError(f"name must be a non-empty string of letters, digits, '-', '_', '.', got {name!r}")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", name):
+        raise ConfigError(f"name must be 1 to 128 ASCII letters, digits, '-', '_' or '.', not starting with '.' or "
+                          f"'-' (it names the default run directory runs/<name>), got {name!r}")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section or key {unknown[0]!r}; allowed: name, {', '.join(SECTIONS)}")
@@ -237,8 +249,46 @@ def check_consistent(job: JobConfig):
     if job.optimizer.warmup_steps >= job.train.steps:
         raise ConfigError(f"optimizer.warmup_steps {job.optimizer.warmup_steps} must be below train.steps "
                           f"{job.train.steps}: the learning rate would never reach optimizer.learning_rate")
+    _check_slurm(job.slurm)
     if job.train.batch_size > job.data.n_train:
         raise ConfigError(f"train.batch_size {job.train.batch_size} exceeds data.n_train {job.data.n_train}")
+
+
+# #SBATCH options the rendered script sets or relies on (requeue on USR1, its output file, its
+# environment, its own resource lines); slurm.extra may not name them or an abbreviation of them.
+RESERVED_SBATCH = ("requeue", "no-requeue", "signal", "export", "export-file", "chdir", "output", "error", "input",
+                   "open-mode", "wrap", "array", "job-name", "nodes", "ntasks", "ntasks-per-node", "gpus-per-node",
+                   "cpus-per-task", "mem", "time", "partition", "account", "qos", "parsable", "wait", "test-only",
+                   "get-user-env", "uid", "gid", "kill-on-invalid-dep")
+
+
+def slurm_seconds(text: str) -> int | None:
+    """Seconds of a Slurm time limit (minutes, minutes:seconds, hours:minutes:seconds,
+    days-hours[:minutes[:seconds]]); None for 0, which Slurm reads as no limit."""
+    days, _, clock = text.rpartition("-")
+    parts = [int(v) for v in clock.split(":")]
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+        total = ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    else:
+        total = {1: lambda: parts[0] * 60, 2: lambda: parts[0] * 60 + parts[1],
+                 3: lambda: (parts[0] * 60 + parts[1]) * 60 + parts[2]}[len(parts)]()
+    return total or None
+
+
+def _check_slurm(s: SlurmConfig):
+    for option in s.extra:
+        name = option[2:].split("=", 1)[0]
+        clash = next((r for r in RESERVED_SBATCH if r.startswith(name)), None)
+        if clash is not None:
+            own = clash.replace("-", "_")
+            hint = (f"set slurm.{own} instead" if own in SlurmConfig.__dataclass_fields__ else
+                    "the rendered script sets it or relies on it (requeue on USR1, its output file, its environment)")
+            raise ConfigError(f"slurm.extra {option!r} conflicts with --{clash}: {hint}")
+    limit = slurm_seconds(s.time)
+    if limit is not None and s.signal_grace >= limit:
+        raise ConfigError(f"slurm.signal_grace {s.signal_grace} s must be below the time limit slurm.time = "
+                          f"{s.time!r} ({limit} s): USR1 would come before the job starts its work")
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -249,19 +299,26 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     section, key = dotted.strip().split(".", 1)
     try:
         value = tomllib.loads(f"v = {value_text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (tomllib.TOMLDecodeError, RecursionError):
         value = value_text
+    if isinstance(value, (datetime.date, datetime.time)):  # no key takes a date: 00:10:00 is slurm.time's text
+        value = value_text.strip()
     return section, key, value
 
 
 def load(path, overrides=()) -> JobConfig:
     path = pathlib.Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"job file {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"job file {path} is not UTF-8 text (byte {err.start}: {err.reason}); TOML files are "
+                          "UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} nests arrays or tables too deeply to be a job file") from None
     return loads_dict(raw, path.stem, overrides)
 
 

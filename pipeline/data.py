@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import pathlib
+import stat
 import uuid
 
 import h5py
@@ -37,7 +38,7 @@ TRUE_PARAMS = {
     "mackey_glass": {"beta": 2.0, "gamma": 1.0, "power": 10.0, "tau": 2.0},
     "delayed_gradient": {"V": "(x1^2 + x1^4/2)/2 + x2^2", "tau": 0.5, "v": [0.5, -0.3]},
 }
-GEN_RTOL, GEN_ATOL = 1e-10, 1e-12
+GEN_RTOL, GEN_ATOL, GEN_MAX_STEPS = 1e-10, 1e-12, 100_000
 
 
 class DataError(ValueError):
@@ -81,16 +82,28 @@ def generate(job: JobConfig, path=None) -> pathlib.Path:
     path = pathlib.Path(path or job.data_path)
     n = d.n_train + d.n_test
     rng = np.random.default_rng(d.seed)
-    x0, hist = _initial_conditions(d.system, n, rng)
+    try:
+        x0, hist = _initial_conditions(d.system, n, rng)
+    except MemoryError:
+        raise DataError(f"generating {path}: data.n_train + data.n_test = {n} trajectories do not fit in "
+                        "memory; choose fewer") from None
     ts = np.linspace(0.0, d.t1, d.n_times)
     with jax.enable_x64(True):
         prob = _problem(d.system, d.t1)
         p = {"x0": jnp.asarray(x0)} | ({"history": jnp.asarray(hist)} if hist is not None else {})
         one = lambda p: sv.solve(prob, p, saveat=jnp.asarray(ts), rtol=GEN_RTOL, atol=GEN_ATOL,
-                                 max_steps=100_000).ys
+                                 max_steps=GEN_MAX_STEPS, throw=False).ys
         ys = np.asarray(jax.jit(jax.vmap(one))(p))
+    failed = ~np.all(np.isfinite(ys), axis=(1, 2))
+    if failed.any():
+        raise DataError(f"generating {path}: the {d.system} solve failed for {int(failed.sum())} of {n} trajectories "
+                        f"(no finite solution within {GEN_MAX_STEPS} steps at rtol {GEN_RTOL} up to data.t1 = "
+                        f"{d.t1!r}); choose a shorter data.t1")
     if d.noise > 0:
         ys = ys + d.noise * rng.standard_normal(ys.shape)
+        if not np.all(np.isfinite(ys)):
+            raise DataError(f"generating {path}: data.noise = {d.noise!r} makes observations overflow to inf; "
+                            "choose a smaller data.noise")
     path.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own: several processes (the tasks of a sweep array) may generate the same
     # file at once; each writes identical contents and the last atomic rename wins.
@@ -119,6 +132,8 @@ def validate(path, job: JobConfig) -> dict:
     path = pathlib.Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist (create it with `ndde data JOB.toml`)")
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise DataError(f"data file {path} is not a regular file (a directory, FIFO or device): give an HDF5 file")
     d, dim = job.data, STATE_DIM[job.model.kind]
     try:
         f = h5py.File(path, "r")
@@ -128,6 +143,9 @@ def validate(path, job: JobConfig) -> dict:
         for name in _required(d.system):
             if name not in f or not isinstance(f[name], h5py.Dataset):
                 raise DataError(f"data file {path} has no dataset {name!r} (needs {', '.join(_required(d.system))})")
+            if f[name].dtype.kind not in "fiu":
+                raise DataError(f"data file {path}: dataset {name!r} holds {f[name].dtype} values; it must hold real "
+                                "numbers (float or integer)")
         ts, ys = f["ts"][...], f["ys"]
         n = ys.shape[0] if ys.ndim == 3 else -1
         expect = {"ys": (n, ts.shape[0], dim), "x0": (n, dim), "history": (n, dim)}
@@ -151,8 +169,16 @@ def validate(path, job: JobConfig) -> dict:
 def _check_generated_for(d, attrs, ts, path):
     """A file that ``ndde data`` wrote records the data section it was made for; a job whose
     section differs would train on other data than it says (a changed noise, t1 or seed)."""
-    made = {"system": str(attrs["system"]), "t1": float(ts[-1]), "n_times": int(ts.shape[0]),
-            "noise": float(attrs["noise"]), "seed": int(attrs["seed"])}
+    missing = [k for k in ("system", "noise", "seed") if k not in attrs]
+    if missing:
+        raise DataError(f"data file {path} says format = 'ndde-data' but lacks the attrs {', '.join(missing)} that "
+                        "`ndde data` writes: regenerate it with `ndde data JOB.toml --force`, or remove its "
+                        "'format' attr to use it as your own data")
+    try:
+        made = {"system": str(attrs["system"]), "t1": float(ts[-1]), "n_times": int(ts.shape[0]),
+                "noise": float(attrs["noise"]), "seed": int(attrs["seed"])}
+    except (TypeError, ValueError) as err:
+        raise DataError(f"data file {path}: an attr that `ndde data` writes has the wrong type ({err})") from None
     diffs = [f"data.{k} = {getattr(d, k)!r}, the file's {v!r}" for k, v in made.items() if getattr(d, k) != v]
     if diffs:
         raise DataError(f"data file {path} was generated for another data section ({'; '.join(diffs)}): "

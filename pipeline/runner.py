@@ -10,7 +10,7 @@ import warnings
 from . import config as config_mod
 from .backends import make_backend
 from .checkpoint import CheckpointManager
-from .data import ensure
+from .data import ensure, validate
 from .runlock import only_run_in
 from .train import Trainer
 
@@ -28,16 +28,19 @@ def _mpi_prepare(job):
     return job.replace("backend", kind="mpi", workers=comm.Get_size()), comm
 
 
+def _with_choices(job, backend, workers, scheduler, steps):
+    """The job with the command line's choices (those not None) applied."""
+    for section, changes in (("backend", {"kind": backend, "workers": workers, "scheduler": scheduler}),
+                             ("train", {"steps": steps})):
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if changes:
+            job = job.replace(section, **changes)
+    return job
+
+
 def resolve(job, backend=None, workers=None, scheduler=None, steps=None):
     """Apply command-line choices to the job and check the result."""
-    if backend is not None:
-        job = job.replace("backend", kind=backend)
-    if workers is not None:
-        job = job.replace("backend", workers=workers)
-    if scheduler is not None:
-        job = job.replace("backend", scheduler=scheduler)
-    if steps is not None:
-        job = job.replace("train", steps=steps)
+    job = _with_choices(job, backend, workers, scheduler, steps)
     comm = None
     if job.backend.kind == "mpi":
         job, comm = _mpi_prepare(job)
@@ -61,12 +64,29 @@ def _data(job, comm):
 
 
 def _run(job, run_dir, comm, total_steps, restore, progress, extra_attrs=None):
-    with only_run_in(run_dir, comm):
-        return _run_locked(job, run_dir, comm, total_steps, restore, progress, extra_attrs)
+    job, data_path = _data(job, comm)  # a bad data file is refused before anything is written
+    fresh = not run_dir.exists()
+    try:
+        with only_run_in(run_dir, comm):
+            return _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, extra_attrs)
+    except BaseException:
+        if fresh and (comm is None or comm.Get_rank() == 0):
+            _remove_unused(run_dir)
+        raise
 
 
-def _run_locked(job, run_dir, comm, total_steps, restore, progress, extra_attrs):
-    job, data_path = _data(job, comm)
+def _remove_unused(run_dir: pathlib.Path) -> None:
+    """Undo a start that failed before training began (no job.toml written): its lock file and
+    the directories it made that stayed empty."""
+    if not run_dir.is_dir() or (run_dir / "job.toml").exists():
+        return
+    (run_dir / ".lock").unlink(missing_ok=True)
+    for path in sorted(run_dir.rglob("*"), reverse=True) + [run_dir]:
+        if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+            path.rmdir()
+
+
+def _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, extra_attrs):
     backend = make_backend(job.backend.kind, job.to_toml(), data_path, job.backend.workers,
                            job.backend.scheduler, log_dir=pathlib.Path(run_dir) / "dask-workers")
     try:
@@ -89,14 +109,36 @@ def _run_locked(job, run_dir, comm, total_steps, restore, progress, extra_attrs)
     return summary
 
 
-def start(job, run_dir=None, *, backend=None, workers=None, scheduler=None, steps=None, progress=True,
-          extra_attrs=None) -> dict:
-    job, comm = resolve(job, backend, workers, scheduler, steps)
-    run_dir = config_mod.new_run_dir(run_dir or f"runs/{job.name}")
+def _fresh_run_dir(run_dir) -> pathlib.Path:
+    run_dir = config_mod.new_run_dir(run_dir)
     newest = CheckpointManager(run_dir / "checkpoints").latest_step()
     if newest is not None:
         raise FileExistsError(f"{run_dir} already holds checkpoints (newest: step {newest}); continue it with "
                               f"`ndde resume {run_dir}` or choose another --run-dir")
+    return run_dir
+
+
+def dry_run(job, run_dir=None, *, backend=None, workers=None, scheduler=None, steps=None) -> str:
+    """Check everything ``start`` checks before it writes (the job with the command line's
+    choices, the run directory, an existing data file's layout) and write nothing. Returns
+    what ``start`` would do; raises what it would raise."""
+    job = _with_choices(job, backend, workers, scheduler, steps)
+    config_mod.check_consistent(job)
+    run_dir = _fresh_run_dir(run_dir or f"runs/{job.name}")
+    path = job.data_path
+    if path.exists():
+        validate(path, job)
+        data = f"data {path} (exists, valid)"
+    else:
+        data = f"data {path} (missing: would be generated)"
+    return (f"ok: would train {job.name} for {job.train.steps} steps on backend {job.backend.kind} "
+            f"({job.backend.workers} workers) in {run_dir}; {data}")
+
+
+def start(job, run_dir=None, *, backend=None, workers=None, scheduler=None, steps=None, progress=True,
+          extra_attrs=None) -> dict:
+    job, comm = resolve(job, backend, workers, scheduler, steps)
+    run_dir = _fresh_run_dir(run_dir or f"runs/{job.name}")
     return _run(job, run_dir, comm, job.train.steps, False, progress, extra_attrs)
 
 
@@ -111,4 +153,4 @@ def resume(run_dir, *, steps=None, backend=None, workers=None, scheduler=None, p
     learning rate has reached 0 are refused)."""
     run_dir = pathlib.Path(run_dir)
     job, comm = resolve(load_run_job(run_dir), backend, workers, scheduler)
-    return _run(job, run_dir, comm, steps or job.train.steps, True, progress, extra_attrs)
+    return _run(job, run_dir, comm, job.train.steps if steps is None else steps, True, progress, extra_attrs)

@@ -39,9 +39,11 @@ def workers_of(job) -> int:
     return job.slurm.nodes * job.slurm.ntasks_per_node
 
 
-def render_sbatch(job, run_dirs, output, ndde_bin, template: str | None = None) -> str:
+def render_sbatch(job, run_dirs, output, ndde_bin, template: str | None = None, scontrol: str = "scontrol",
+                  hostname: str = "hostname") -> str:
     """The batch script for ``job`` (its [slurm] section, already merged with flags) training
-    in ``run_dirs`` (one, or one per array task), Slurm output to ``output``."""
+    in ``run_dirs`` (one, or one per array task), Slurm output to ``output``; ``scontrol`` and
+    ``hostname`` as the script calls them (absolute paths found at submit time, see ``tools``)."""
     s, run_dirs = job.slurm, [pathlib.Path(d) for d in run_dirs]
     lines = [f"--job-name={s.job_name or job.name}", f"--output={_directive_path(output)}",
              f"--nodes={s.nodes}", f"--ntasks-per-node={s.ntasks_per_node}", f"--cpus-per-task={s.cpus_per_task}"]
@@ -70,7 +72,14 @@ def render_sbatch(job, run_dirs, output, ndde_bin, template: str | None = None) 
         launch = '"$NDDE" resume "$RUN_DIR"'
     text = TEMPLATE.read_text() if template is None else template
     return text.format(directives=directives, grace=s.signal_grace, select_run_dir=select,
-                       ndde=shlex.quote(str(ndde_bin)), launch=launch)
+                       ndde=shlex.quote(str(ndde_bin)), launch=launch, scontrol=shlex.quote(scontrol),
+                       hostname=shlex.quote(hostname))
+
+
+def tools() -> dict:
+    """scontrol and hostname by the absolute paths this machine's PATH gives them (a job's
+    environment cannot then put another program in their place); bare names where absent."""
+    return {name: shutil.which(name) or name for name in ("scontrol", "hostname")}
 
 
 def apply_flags(job, *, backend=None, steps=None, nodes=None, ntasks_per_node=None, gpus_per_node=None,
@@ -94,16 +103,34 @@ def apply_flags(job, *, backend=None, steps=None, nodes=None, ntasks_per_node=No
     return job.replace("data", path=str(job.data_path.resolve()))
 
 
-def _prepare_run_dir(job, run_dir) -> pathlib.Path:
+def check_run_dir_free(job, run_dir) -> pathlib.Path:
+    """``run_dir`` as an absolute path, refused (FileExistsError) when it holds checkpoints or is
+    training now, unless its job.toml is this very job (a submit that continues the run)."""
     run_dir = config_mod.new_run_dir(run_dir).resolve()
     newest = CheckpointManager(run_dir / "checkpoints").latest_step()
-    if newest is not None:
-        raise FileExistsError(f"{run_dir} already holds checkpoints (newest: step {newest}); choose another "
-                              "--run-dir")
-    config_mod.check_consistent(job)
+    holder = training_now(run_dir)
+    if newest is None and holder is None:
+        return run_dir
+    what = f"holds checkpoints (newest: step {newest})" if newest is not None else f"is training now ({holder})"
+    job_file = run_dir / "job.toml"
+    if not job_file.is_file():
+        raise FileExistsError(f"{run_dir} {what} but has no job.toml; choose another --run-dir")
+    try:
+        old = config_mod.load(job_file)
+    except config_mod.ConfigError as err:
+        raise FileExistsError(f"{run_dir} {what}; its job.toml does not load ({err}); choose another "
+                              "--run-dir") from None
+    diffs = config_mod.differences(old, job, config_mod.SECTIONS) + (
+        [f"name: {old.name!r} -> {job.name!r}"] if old.name != job.name else [])
+    if diffs:
+        raise FileExistsError(f"{run_dir} {what} under another job ({'; '.join(diffs)}); submitting into it would "
+                              "change the run: choose another --run-dir, or submit its own job.toml to continue it")
+    return run_dir
+
+
+def _write_job(job, run_dir) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "job.toml").write_text(job.to_toml())
-    return run_dir
 
 
 def ndde_bin() -> pathlib.Path:
@@ -121,12 +148,16 @@ def sbatch(script_path) -> str:
 
 
 def submit(job, run_dir, dry_run=False) -> tuple[str, str | None]:
-    """Write RUN_DIR/job.toml and RUN_DIR/job.sbatch; submit unless dry_run. (script, job id)"""
-    run_dir = _prepare_run_dir(job, run_dir)
-    script = render_sbatch(job, [run_dir], run_dir / "slurm-%j.out", ndde_bin())
-    (run_dir / "job.sbatch").write_text(script)
+    """Render the batch script; unless ``dry_run`` (which writes nothing), write RUN_DIR/job.toml
+    and RUN_DIR/job.sbatch and submit. Returns (script, job id or None). Everything is checked
+    before anything is written."""
+    config_mod.check_consistent(job)
+    run_dir = check_run_dir_free(job, run_dir)
+    script = render_sbatch(job, [run_dir], run_dir / "slurm-%j.out", ndde_bin(), **tools())
     if dry_run:
         return script, None
+    _write_job(job, run_dir)
+    (run_dir / "job.sbatch").write_text(script)
     job_id = sbatch(run_dir / "job.sbatch")
     (run_dir / "slurm_job_id").write_text(job_id + "\n")
     return script, job_id
@@ -155,19 +186,44 @@ def _data_file_per_section(jobs, sweep_dir):
             job.replace("data", path=str(sweep_dir / f"data-{order.index(section(job)):02d}.h5")) for job in jobs]
 
 
-def sweep(job_path, grid, sweep_dir, base_overrides=(), flags=None, dry_run=False):
-    """One run directory per grid point (``point-000``...), one array job over them."""
+def _same_allocation(jobs, points) -> None:
+    """One job array has one set of #SBATCH lines and one launcher: refuse a grid whose points
+    differ in [slurm] or [backend], naming the first key that does."""
+    for job, point in zip(jobs[1:], points[1:]):
+        diffs = config_mod.differences(jobs[0], job, ("slurm", "backend"))
+        if diffs:
+            raise config_mod.ConfigError(
+                f"a sweep is one Slurm job array, so [slurm] and [backend] must be the same for every point; "
+                f"point {' '.join(point)} changes {diffs[0]}. Submit one sweep per value of that key instead")
+
+
+def plan_sweep(job_path, grid, sweep_dir, base_overrides=(), flags=None):
+    """(jobs, run dirs, batch script) of a sweep, checked, nothing written: one run directory per
+    grid point (``point-000``...), one array job over them."""
     sweep_dir = pathlib.Path(sweep_dir).resolve()
-    jobs = [apply_flags(config_mod.load(job_path, [*base_overrides, *point]), **(flags or {}))
-            for point in grid_points(grid)]
+    points = grid_points(grid)
+    jobs = [apply_flags(config_mod.load(job_path, [*base_overrides, *point]), **(flags or {})) for point in points]
+    _same_allocation(jobs, points)
     jobs = _data_file_per_section(jobs, sweep_dir)
-    run_dirs = [_prepare_run_dir(job, sweep_dir / f"point-{i:03d}") for i, job in enumerate(jobs)]
-    script = render_sbatch(jobs[0], run_dirs, sweep_dir / "slurm-%A_%a.out", ndde_bin())
+    for job in jobs:
+        config_mod.check_consistent(job)
+    run_dirs = [check_run_dir_free(job, sweep_dir / f"point-{i:03d}") for i, job in enumerate(jobs)]
+    script = render_sbatch(jobs[0], run_dirs, sweep_dir / "slurm-%A_%a.out", ndde_bin(), **tools())
+    return jobs, run_dirs, script
+
+
+def sweep(job_path, grid, sweep_dir, base_overrides=(), flags=None, dry_run=False):
+    """Plan the sweep (``plan_sweep``); unless ``dry_run`` (which writes nothing), write its run
+    directories, ``sweep.sbatch`` and ``points.txt`` and submit. Returns (script, job id or None)."""
+    jobs, run_dirs, script = plan_sweep(job_path, grid, sweep_dir, base_overrides, flags)
+    if dry_run:
+        return script, None
+    sweep_dir = pathlib.Path(sweep_dir).resolve()
+    for job, run_dir in zip(jobs, run_dirs):
+        _write_job(job, run_dir)
     (sweep_dir / "sweep.sbatch").write_text(script)
     (sweep_dir / "points.txt").write_text("".join(f"{d.name} {' '.join(p)}\n" for d, p in
                                                  zip(run_dirs, grid_points(grid))))
-    if dry_run:
-        return script, None
     return script, sbatch(sweep_dir / "sweep.sbatch")
 
 

@@ -123,7 +123,10 @@ class _Signals:
 def check_resumable(job, attrs: dict, path, data_path, data_sha256) -> None:
     """Refuse (ResumeError, listing every difference) when the job's model, data, batch
     drawing or the data file's contents differ from the checkpoint at ``path``."""
-    old = config_mod.from_toml_text(attrs["config"])
+    try:
+        old = config_mod.from_toml_text(attrs["config"])
+    except config_mod.ConfigError as err:
+        raise ResumeError(f"refusing to resume from {path}: the job it records is not a valid job ({err})") from None
     diffs = config_mod.differences(old, job, LOCKED_SECTIONS)
     diffs += [f"{s}.{k}: {getattr(getattr(old, s), k)!r} -> {getattr(getattr(job, s), k)!r}"
               for s, k in LOCKED_KEYS if getattr(getattr(old, s), k) != getattr(getattr(job, s), k)]
@@ -186,7 +189,8 @@ class Trainer:
                               f"{job.optimizer.schedule} schedule's learning rate is 0 after step {job.train.steps}. "
                               "To train longer, start a new run (`ndde train`) with a larger train.steps")
         bar = _progress(job.name, start, total_steps, progress and self.backend.is_root)
-        t_begin, done, saved, skipped, in_a_row = time.perf_counter(), 0, None, 0, 0
+        t_begin, done, saved, skipped = time.perf_counter(), 0, None, 0
+        in_a_row = _trailing_run(metrics["skipped"])  # failed steps in a row carry over a resume
         with _Signals(announce=self.backend.is_root) as signals:
             for step in range(start + 1, total_steps + 1):
                 t = time.perf_counter()
@@ -242,10 +246,25 @@ class Trainer:
         bar.close()
         elapsed = time.perf_counter() - t_begin
         newest = saved or (restored.path if restored else None)
-        return {"step": total_steps, "loss": metrics["loss"][-1] if metrics["loss"] else None,
+        return {"step": total_steps, "loss": _finite_or_none(metrics["loss"][-1] if metrics["loss"] else None),
                 "steps_run": done, "steps_skipped": skipped, "steps_per_s": done / elapsed if elapsed > 0 else None,
                 "checkpoint": str(newest) if newest else None,
                 "tau": metrics["tau"][-1] if metrics["tau"] and np.isfinite(metrics["tau"][-1]) else None}
+
+
+def _trailing_run(flags) -> int:
+    """How many of the last entries of ``flags`` are true in a row."""
+    count = 0
+    for flag in reversed(list(flags)):
+        if not flag:
+            break
+        count += 1
+    return count
+
+
+def _finite_or_none(value):
+    """A JSON-safe number: None for NaN or inf (json.dumps would write the non-JSON token NaN)."""
+    return float(value) if value is not None and np.isfinite(value) else None
 
 
 def _progress(name, start, total, enabled):

@@ -144,10 +144,16 @@ def _checks_bwd(msgs, on_error, res, ct):
 backprop_checks.defvjp(_checks_fwd, _checks_bwd)
 
 
+INT32_MAX = 2**31 - 1  # step and slot counters are int32 inside the compiled loop
+
+
 def _positive_int(name, value) -> int:
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= 1:
-        return int(value)
-    raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if value > INT32_MAX:
+        raise ValueError(f"{name} must be at most 2**31 - 1 = {INT32_MAX} (the compiled loop counts in int32), "
+                         f"got {value!r}")
+    return int(value)
 
 
 def _positive(name, value) -> float:
