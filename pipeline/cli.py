@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import warnings
+
+from . import early_signals
 
 EXIT_CONFIG, EXIT_TRAINING = 2, 3
 
@@ -192,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    training = args.command in ("train", "resume") and not getattr(args, "dry_run", False)
+    # before the imports below and the start-up, which take seconds
+    with early_signals.caught() if training else contextlib.nullcontext():
+        return _main(args)
+
+
+def _main(args) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
@@ -199,7 +210,6 @@ def main(argv=None) -> int:
     from .submit import SubmitError
     from .train import Preempted, ResumeError, RunStopped
 
-    args = build_parser().parse_args(argv)
     warnings.simplefilter("default")
     try:
         return args.func(args)

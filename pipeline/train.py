@@ -21,6 +21,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from . import config as config_mod
+from . import early_signals
 from .checkpoint import CheckpointManager, Restored, read_attrs
 from .data import digest
 from .models import build_model
@@ -188,6 +189,11 @@ class Trainer:
             raise ResumeError(f"steps past train.steps = {job.train.steps} would not change the parameters: the "
                               f"{job.optimizer.schedule} schedule's learning rate is 0 after step {job.train.steps}. "
                               "To train longer, start a new run (`ndde train`) with a larger train.steps")
+        early = self.backend.agree(early_signals.received())
+        if early:
+            raise Preempted(f"{early} received while starting, before step {start + 1}: nothing trained, no "
+                            f"checkpoint written; resume with `ndde resume {self.run_dir}`",
+                            root=self.backend.is_root, signal_name=early)
         bar = _progress(job.name, start, total_steps, progress and self.backend.is_root)
         t_begin, done, saved, skipped = time.perf_counter(), 0, None, 0
         in_a_row = _trailing_run(metrics["skipped"])  # failed steps in a row carry over a resume

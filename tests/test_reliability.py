@@ -9,7 +9,10 @@ import io
 import json
 import os
 import pathlib
+import signal
+import subprocess
 import threading
+import time
 import types
 
 import h5py
@@ -18,7 +21,7 @@ import pytest
 
 from pipeline import cli, config, data, submit
 from pipeline.checkpoint import CheckpointManager, contents_digest
-from tests.pipeline_helpers import ROOT, ndde, tiny_job
+from tests.pipeline_helpers import BIN, ROOT, ndde, tiny_job
 from tests.test_checkpoint import _save
 
 
@@ -325,3 +328,33 @@ def test_a_re_signed_checkpoint_without_its_layout_does_not_verify(tmp_path, edi
     assert why in manager.verify(2)
     with pytest.warns(UserWarning, match="step_00000002.h5"):
         assert manager.latest_valid_step() == 1
+
+
+# 6. a signal while starting ------------------------------------------------------------------
+
+def _catches(pid, sig) -> bool:
+    """Whether process ``pid`` has a handler for ``sig`` installed (its SigCgt mask in /proc)."""
+    for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_while_starting_means_requeue_without_a_checkpoint(tmp_path, sig):
+    """Before the training loop's handlers are in place (imports, data generation, the backend's
+    start) SIGUSR1 killed the process (the batch shell saw 138: no requeue)."""
+    job, run = tiny_job(tmp_path), tmp_path / "run"
+    proc = subprocess.Popen([str(BIN / "ndde"), "train", str(job), "--run-dir", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not _catches(proc.pid, sig):  # the earliest moment a signal can be honoured
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 75, stderr
+    assert f"{sig.name} received while starting, before step 1: nothing trained, no checkpoint written" in stderr
+    assert CheckpointManager(run / "checkpoints").steps() == []
+    assert (run / "job.toml").exists()  # `ndde resume` (the requeued job) starts it from step 0
