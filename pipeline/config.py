@@ -94,6 +94,10 @@ class BackendConfig:
                            doc="dask: tcp://host:port of an existing scheduler; empty: embedded cluster",
                            hint="host:port or tcp://host:port")
     pin_cpus: bool = _spec(True, doc="without GPUs: give each worker/rank on a node its own block of cores")
+    worker_timeout: float = _spec(120.0, lo=0.0, lo_open=True, hi=86400.0,
+                                  doc="dask: seconds a step waits with a shard that no worker can run (every "
+                                      "worker dead or restarting) before the run checkpoints its last "
+                                      "completed step and exits 75; also the wait for the first worker")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from jax.flatten_util import ravel_pytree
 
 from . import config as config_mod
 from . import early_signals
+from .backends import StepAbandoned
 from .checkpoint import CheckpointManager, Restored, read_attrs
 from .data import digest
 from .models import build_model
@@ -172,6 +173,22 @@ class Trainer:
                                      self.config_text, self.attrs)
         return None
 
+    def _abandoned(self, err, step, theta, opt_state, metrics, saved, restored, signal_name) -> Preempted:
+        """What stops a run whose backend gave up step ``step`` (StepAbandoned): theta,
+        opt_state and metrics are those after step - 1, which is checkpointed here unless it
+        is the step this process resumed from or saved already. Exit 75 (130 after Ctrl-C)."""
+        last = step - 1
+        if restored is not None and restored.step == last:
+            path = restored.path
+        elif last > 0 and saved != self.manager.path(last):
+            path = self._save(last, theta, opt_state, metrics)
+        else:
+            path = saved
+        done = f"checkpointed step {last} to {path}" if path else "no step had finished: nothing to checkpoint"
+        why = f"{signal_name} received: " if signal_name else ""
+        return Preempted(f"{why}step {step} abandoned, {err}; {done}; resume with `ndde resume {self.run_dir}`",
+                         signal_name=signal_name or "SIGTERM")
+
     def run(self, total_steps: int, restored: Restored | None = None, progress: bool = True) -> dict:
         job, B = self.job, self.job.train.batch_size
         if restored is None:
@@ -200,7 +217,13 @@ class Trainer:
         with _Signals(announce=self.backend.is_root) as signals:
             for step in range(start + 1, total_steps + 1):
                 t = time.perf_counter()
-                red = self.backend.step(np.asarray(ravel_pytree(theta)[0]), step)
+                try:
+                    red = self.backend.step(np.asarray(ravel_pytree(theta)[0]), step,
+                                            stopping=lambda: signals.received)
+                except StepAbandoned as err:
+                    bar.close()
+                    raise self._abandoned(err, step, theta, opt_state, metrics, saved, restored,
+                                          signals.received) from None
                 loss, grad = float(red.loss_per_shard.sum() / B), red.grad_sum / B
                 good = not red.errors and np.isfinite(loss) and bool(np.all(np.isfinite(grad)))
                 if good:

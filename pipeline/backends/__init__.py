@@ -2,8 +2,10 @@
 (an embedded LocalCluster or a scheduler address), ``dask-slurm`` (dask-jobqueue's
 SLURMCluster: each worker a Slurm job), ``mpi`` (one shard per rank).
 
-A backend's ``step(flat_theta, step)`` returns the reduced step (``Reduced``) on every
-process that runs the training loop; ``is_root`` says which process writes files.
+A backend's ``step(flat_theta, step, stopping)`` returns the reduced step (``Reduced``) on
+every process that runs the training loop; ``is_root`` says which process writes files.
+``stopping()`` names the stop signal received (SIGTERM, ...) or is None; a backend whose
+shards can be lost (dask) raises ``StepAbandoned`` rather than wait without bound.
 """
 
 from __future__ import annotations
@@ -20,6 +22,12 @@ class Reduced(NamedTuple):
     rejected: int
     rhs_evals: int
     errors: list
+
+
+class StepAbandoned(RuntimeError):
+    """A step that cannot finish: its shards' workers are gone (for longer than
+    backend.worker_timeout, or at all after a stop signal). The parameters are those of the
+    step before it, which the caller checkpoints."""
 
 
 class DriverBackend:

@@ -11,5 +11,6 @@ class LocalBackend(DriverBackend):
         self.shards = shards
         self.workers = [worker_for(config_text, data_path, w, shards) for w in range(shards)]
 
-    def step(self, flat_theta, step: int):
+    def step(self, flat_theta, step: int, stopping=None):
+        """stopping: unused; a local step runs to its end, then the caller stops."""
         return reduce_in_order([w.compute(flat_theta, step) for w in self.workers])

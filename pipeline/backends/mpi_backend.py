@@ -20,7 +20,8 @@ class MpiBackend:
         self.is_root = self.rank == 0
         self.worker = worker_for(config_text, data_path, self.rank, self.shards)
 
-    def step(self, flat_theta, step: int):
+    def step(self, flat_theta, step: int, stopping=None):
+        """stopping: unused; every rank finishes the collective step, then they agree to stop."""
         r = self.worker.compute(flat_theta, step)
         grad = np.empty_like(r.grad_sum)
         self.comm.Allreduce(r.grad_sum, grad, op=self.MPI.SUM)
