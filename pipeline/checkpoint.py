@@ -82,18 +82,24 @@ class Restored:
     path: pathlib.Path
 
 
-def not_a_regular_file(path) -> str | None:
-    """Why ``path`` cannot be opened as a file without risk (a FIFO blocks open(), a device or a
-    symlink reads something else), or None for a regular file. Does not follow symlinks."""
+def _regular(path) -> tuple[os.stat_result | None, str | None]:
+    """(lstat of ``path``, None) for a regular file, else (None, why it cannot be opened without
+    risk: a FIFO blocks open(), a device or a symlink reads something else). Follows no symlink."""
     try:
-        mode = os.lstat(path).st_mode
+        st = os.lstat(path)
     except OSError as err:
-        return f"cannot be read ({err.strerror})"
-    if stat.S_ISREG(mode):
-        return None
+        return None, f"cannot be read ({err.strerror})"
+    if stat.S_ISREG(st.st_mode):
+        return st, None
+    mode = st.st_mode
     kind = ("a symlink" if stat.S_ISLNK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
             "a directory" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device file")
-    return f"is {kind}, not a regular file"
+    return None, f"is {kind}, not a regular file"
+
+
+def not_a_regular_file(path) -> str | None:
+    """Why ``path`` is no regular file (see ``_regular``), or None."""
+    return _regular(path)[1]
 
 
 class CheckpointManager:
@@ -145,6 +151,8 @@ class CheckpointManager:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        st = os.lstat(final)
+        self._verified[(step, st.st_ino, st.st_size, st.st_mtime_ns)] = None  # written and fsynced just now
         self._rotate(step)
         return final
 
@@ -166,11 +174,9 @@ class CheckpointManager:
 
     def verify(self, step: int) -> str | None:
         """None if the file at ``step`` is complete and intact, else why not."""
-        path = self.path(step)
-        why = not_a_regular_file(path)
+        st, why = _regular(self.path(step))
         if why is not None:
             return why
-        st = os.stat(path)
         key = (step, st.st_ino, st.st_size, st.st_mtime_ns)
         if key not in self._verified:
             self._verified[key] = self._check(step)
@@ -188,6 +194,8 @@ class CheckpointManager:
                 return _layout_error(f)
         except (OSError, KeyError, ValueError, TypeError) as err:
             return f"unreadable ({err})"
+        except RecursionError:
+            return "unreadable (its attrs nest too deeply)"
 
     def latest_valid_step(self) -> int | None:
         """The newest step whose file verifies; broken newer files are skipped with a warning."""
@@ -220,7 +228,10 @@ def _layout_error(f: h5py.File) -> str | None:
             return f"no {'group' if kind is h5py.Group else 'dataset'} /{name}"
     config = f.attrs.get("config")
     if isinstance(config, bytes):
-        config = config.decode("utf-8", "replace")
+        try:
+            config = config.decode("utf-8")
+        except UnicodeDecodeError:
+            return "its config attr is not UTF-8 text"
     if not isinstance(config, str):
         return "no config attr (the job as TOML text)"
     try:

@@ -145,9 +145,16 @@ def _add_backend_flags(p, with_steps_help):
     p.add_argument("--steps", type=_positive, help=with_steps_help)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refusals in one line (``ndde train: error: ...``) and exit 2, like every other refusal."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ndde", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="ndde", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train a job (generates its data file first if missing)")
     p.add_argument("job", help="job TOML file, e.g. jobs/hnn_pendulum.toml")
     p.add_argument("--run-dir", help="run directory (default runs/<job name>)")

@@ -227,9 +227,9 @@ def _section(section: str, table: Any):
 def from_dict(raw: dict, default_name: str = "job") -> JobConfig:
     raw = dict(raw)
     name = raw.pop("name", default_name)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}", name):
-        raise ConfigError(f"name must be 1 to 128 ASCII letters, digits, '-', '_' or '.', not starting with '.' or "
-                          f"'-' (it names the default run directory runs/<name>), got {name!r}")
+    if not isinstance(name, str) or not re.fullmatch(r"[^\W][\w.-]{0,127}", name):
+        raise ConfigError(f"name must be 1 to 128 letters, digits, '-', '_' or '.', not starting with '.' or '-' "
+                          f"(it names the default run directory runs/<name>), got {name!r}")
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section or key {unknown[0]!r}; allowed: name, {', '.join(SECTIONS)}")
@@ -266,6 +266,10 @@ RESERVED_SBATCH = ("requeue", "no-requeue", "signal", "export", "export-file", "
                    "get-user-env", "uid", "gid", "kill-on-invalid-dep")
 
 
+# sbatch options of their own that are also the start of a RESERVED_SBATCH name.
+WHOLE_SBATCH = ("gpus",)
+
+
 def slurm_seconds(text: str) -> int | None:
     """Seconds of a Slurm time limit (minutes, minutes:seconds, hours:minutes:seconds,
     days-hours[:minutes[:seconds]]); None for 0, which Slurm reads as no limit."""
@@ -283,7 +287,8 @@ def slurm_seconds(text: str) -> int | None:
 def _check_slurm(s: SlurmConfig):
     for option in s.extra:
         name = option[2:].split("=", 1)[0]
-        clash = next((r for r in RESERVED_SBATCH if r.startswith(name)), None)
+        clash = name if name in RESERVED_SBATCH else None if name in WHOLE_SBATCH else next(
+            (r for r in RESERVED_SBATCH if r.startswith(name)), None)
         if clash is not None:
             own = clash.replace("-", "_")
             hint = (f"set slurm.{own} instead" if own in SlurmConfig.__dataclass_fields__ else

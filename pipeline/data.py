@@ -100,7 +100,8 @@ def generate(job: JobConfig, path=None) -> pathlib.Path:
                         f"(no finite solution within {GEN_MAX_STEPS} steps at rtol {GEN_RTOL} up to data.t1 = "
                         f"{d.t1!r}); choose a shorter data.t1")
     if d.noise > 0:
-        ys = ys + d.noise * rng.standard_normal(ys.shape)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, in one line
+            ys = ys + d.noise * rng.standard_normal(ys.shape)
         if not np.all(np.isfinite(ys)):
             raise DataError(f"generating {path}: data.noise = {d.noise!r} makes observations overflow to inf; "
                             "choose a smaller data.noise")

@@ -35,5 +35,5 @@ def caught():
 
 
 def received() -> str | None:
-    """The first signal recorded since ``catch``, or None."""
+    """The first signal recorded since ``caught`` began, or None."""
     return _received[0] if _received else None

@@ -8,11 +8,12 @@ import sys
 import warnings
 
 from . import config as config_mod
+from . import early_signals
 from .backends import make_backend
 from .checkpoint import CheckpointManager
-from .data import ensure, validate
-from .runlock import only_run_in
-from .train import Trainer
+from .data import DataError, ensure, validate
+from .runlock import only_run_in, training_now
+from .train import Trainer, preempted_while_starting
 
 
 def _mpi_prepare(job):
@@ -54,34 +55,57 @@ def resolve(job, backend=None, workers=None, scheduler=None, steps=None):
 
 
 def _data(job, comm):
-    """Generate (rank 0) and validate the data file; the job then names it by absolute path."""
-    if comm is None or comm.Get_rank() == 0:
+    """Generate (rank 0) and validate the data file; the job then names it by absolute path.
+    Under MPI rank 0's refusal reaches every rank (each raises it; rank 0 reports it)."""
+    if comm is None:
         path = ensure(job)
-    if comm is not None:
-        comm.Barrier()
-        path = ensure(job)
+        return job.replace("data", path=str(path.resolve())), str(path.resolve())
+    refused = None
+    if comm.Get_rank() == 0:
+        try:
+            ensure(job)
+        except (DataError, OSError) as err:
+            refused = str(err)
+    refused = comm.bcast(refused, root=0)
+    if refused is not None:
+        err = DataError(refused)
+        err.root = comm.Get_rank() == 0
+        raise err
+    path = ensure(job)
     return job.replace("data", path=str(path.resolve())), str(path.resolve())
+
+
+def _stop_if_signalled(comm, before_step):
+    """Preempted (exit 75, nothing checkpointed) when SIGUSR1/SIGTERM came while starting."""
+    name = early_signals.received()
+    if comm is not None:
+        name = next((n for n in comm.allgather(name) if n is not None), None)
+    if name is not None:
+        raise preempted_while_starting(name, before_step, comm is None or comm.Get_rank() == 0)
 
 
 def _run(job, run_dir, comm, total_steps, restore, progress, extra_attrs=None):
     job, data_path = _data(job, comm)  # a bad data file is refused before anything is written
-    fresh = not run_dir.exists()
-    try:
-        with only_run_in(run_dir, comm):
+    _stop_if_signalled(comm, "its first step")
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    made = not run_dir.exists()
+    with only_run_in(run_dir, comm):
+        try:
             return _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, extra_attrs)
-    except BaseException:
-        if fresh and (comm is None or comm.Get_rank() == 0):
-            _remove_unused(run_dir)
-        raise
+        except BaseException:
+            if fresh and (comm is None or comm.Get_rank() == 0):
+                _remove_unused(run_dir, made)
+            raise
 
 
-def _remove_unused(run_dir: pathlib.Path) -> None:
-    """Undo a start that failed before training began (no job.toml written): its lock file and
-    the directories it made that stayed empty."""
+def _remove_unused(run_dir: pathlib.Path, made: bool) -> None:
+    """Undo a start that failed before training began (no job.toml written) in a run directory
+    that was empty: the lock file (its holder is this process) and the directories the start
+    made that stayed empty, ``run_dir`` itself when ``made``."""
     if not run_dir.is_dir() or (run_dir / "job.toml").exists():
         return
     (run_dir / ".lock").unlink(missing_ok=True)
-    for path in sorted(run_dir.rglob("*"), reverse=True) + [run_dir]:
+    for path in sorted(run_dir.rglob("*"), reverse=True) + ([run_dir] if made else []):
         if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
             path.rmdir()
 
@@ -90,6 +114,7 @@ def _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, e
     backend = make_backend(job.backend.kind, job.to_toml(), data_path, job.backend.workers,
                            job.backend.scheduler, log_dir=pathlib.Path(run_dir) / "dask-workers")
     try:
+        _stop_if_signalled(comm, "its first step")
         trainer = Trainer(job, run_dir, backend, data_path, extra_attrs)
         if not restore and backend.is_root:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +150,9 @@ def dry_run(job, run_dir=None, *, backend=None, workers=None, scheduler=None, st
     job = _with_choices(job, backend, workers, scheduler, steps)
     config_mod.check_consistent(job)
     run_dir = _fresh_run_dir(run_dir or f"runs/{job.name}")
+    holder = training_now(run_dir)
+    if holder is not None:
+        raise FileExistsError(f"{run_dir} is in use: {holder} is training it; choose another --run-dir")
     path = job.data_path
     if path.exists():
         validate(path, job)

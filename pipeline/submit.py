@@ -104,14 +104,20 @@ def apply_flags(job, *, backend=None, steps=None, nodes=None, ntasks_per_node=No
 
 
 def check_run_dir_free(job, run_dir) -> pathlib.Path:
-    """``run_dir`` as an absolute path, refused (FileExistsError) when it holds checkpoints or is
-    training now, unless its job.toml is this very job (a submit that continues the run)."""
+    """``run_dir`` as an absolute path. Refused (FileExistsError) when it is training now; when it
+    holds checkpoints or was submitted before (a job may be queued for it), refused unless its
+    job.toml is this job but for the [slurm] section (a submit that continues the run)."""
     run_dir = config_mod.new_run_dir(run_dir).resolve()
-    newest = CheckpointManager(run_dir / "checkpoints").latest_step()
     holder = training_now(run_dir)
-    if newest is None and holder is None:
+    if holder is not None:
+        raise FileExistsError(f"{run_dir} is training now ({holder}); wait for it (`ndde status {run_dir}`), stop "
+                              "it, or choose another --run-dir")
+    newest = CheckpointManager(run_dir / "checkpoints").latest_step()
+    submitted = (run_dir / "slurm_job_id").exists()
+    if newest is None and not submitted:
         return run_dir
-    what = f"holds checkpoints (newest: step {newest})" if newest is not None else f"is training now ({holder})"
+    what = (f"holds checkpoints (newest: step {newest})" if newest is not None else
+            "was submitted before (slurm_job_id)")
     job_file = run_dir / "job.toml"
     if not job_file.is_file():
         raise FileExistsError(f"{run_dir} {what} but has no job.toml; choose another --run-dir")
@@ -120,7 +126,7 @@ def check_run_dir_free(job, run_dir) -> pathlib.Path:
     except config_mod.ConfigError as err:
         raise FileExistsError(f"{run_dir} {what}; its job.toml does not load ({err}); choose another "
                               "--run-dir") from None
-    diffs = config_mod.differences(old, job, config_mod.SECTIONS) + (
+    diffs = config_mod.differences(old, job, [s for s in config_mod.SECTIONS if s != "slurm"]) + (
         [f"name: {old.name!r} -> {job.name!r}"] if old.name != job.name else [])
     if diffs:
         raise FileExistsError(f"{run_dir} {what} under another job ({'; '.join(diffs)}); submitting into it would "

@@ -61,6 +61,13 @@ class Preempted(RunStopped):
         self.exit_code = 128 + signal.SIGINT if signal_name == "SIGINT" else EXIT_PREEMPTED
 
 
+def preempted_while_starting(signal_name, before, root=True) -> Preempted:
+    """The stop of a run that a signal reached before ``before`` (its first step): exit 75 (130
+    after SIGINT), nothing checkpointed since nothing was trained."""
+    return Preempted(f"{signal_name} received while starting, before {before}: nothing trained, no checkpoint "
+                     "written; run the same command again to start it", root=root, signal_name=signal_name)
+
+
 def slurm_attrs(env=None) -> dict:
     """slurm_job_id and slurm_restart_count when running inside a Slurm job."""
     env = os.environ if env is None else env
@@ -206,15 +213,15 @@ class Trainer:
             raise ResumeError(f"steps past train.steps = {job.train.steps} would not change the parameters: the "
                               f"{job.optimizer.schedule} schedule's learning rate is 0 after step {job.train.steps}. "
                               "To train longer, start a new run (`ndde train`) with a larger train.steps")
-        early = self.backend.agree(early_signals.received())
-        if early:
-            raise Preempted(f"{early} received while starting, before step {start + 1}: nothing trained, no "
-                            f"checkpoint written; resume with `ndde resume {self.run_dir}`",
-                            root=self.backend.is_root, signal_name=early)
         bar = _progress(job.name, start, total_steps, progress and self.backend.is_root)
         t_begin, done, saved, skipped = time.perf_counter(), 0, None, 0
         in_a_row = _trailing_run(metrics["skipped"])  # failed steps in a row carry over a resume
         with _Signals(announce=self.backend.is_root) as signals:
+            # from here the loop's handlers hold every signal; those before are early_signals'
+            early = self.backend.agree(early_signals.received() or signals.received)
+            if early:
+                bar.close()
+                raise preempted_while_starting(early, f"its first step ({start + 1})", self.backend.is_root)
             for step in range(start + 1, total_steps + 1):
                 t = time.perf_counter()
                 try:

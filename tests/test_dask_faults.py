@@ -201,3 +201,16 @@ def test_a_scheduler_without_workers_is_an_error_after_worker_timeout(tmp_path):
                                                rf"{cluster.scheduler_address} within 1 s: start workers for it"):
             DaskBackend(text, str(tmp_path / "unused.h5"), workers=2, scheduler=cluster.scheduler_address)
         assert time.monotonic() - t < 10
+
+
+@pytest.mark.slow
+def test_a_shard_that_kills_every_worker_it_runs_on_ends_with_a_checkpoint(reference, tmp_path):
+    """The scheduler gives such a task up (KilledWorker, after allowed-failures + 1 deaths): the
+    step is abandoned, the step before it checkpointed, exit 75, no traceback."""
+    job, _ = reference
+    run = tmp_path / "run"
+    result = ndde("train", job, "--run-dir", run, "--backend", "dask", check=False, timeout=300,
+                  env={"NDDE_TEST_KILL_WORKER": "3:always", "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"})
+    assert result.returncode == 75 and "Traceback" not in result.stderr, result.stderr
+    assert "step 3 abandoned, shard 1's task was running on every worker that died" in result.stderr
+    assert _newest(run) == 2

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pipeline import cli, config, data, submit
-from pipeline.checkpoint import CheckpointManager, contents_digest
+from pipeline.checkpoint import CheckpointError, CheckpointManager, contents_digest, read_attrs
 from tests.pipeline_helpers import BIN, ROOT, ndde, tiny_job
 from tests.test_checkpoint import _save
 
@@ -71,10 +71,19 @@ def test_resume_past_a_garbage_checkpoint_keeps_the_one_it_names(tmp_path):
 
 def _returns_within(fn, seconds=20):
     out = {}
-    thread = threading.Thread(target=lambda: out.update(value=fn()), daemon=True)
+
+    def target():
+        try:
+            out["value"] = fn()
+        except Exception as err:  # re-raised in the caller's thread
+            out["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(seconds)
     assert not thread.is_alive(), f"{fn} blocked for {seconds} s"
+    if "error" in out:
+        raise out["error"]
     return out["value"]
 
 
@@ -86,6 +95,15 @@ def test_a_fifo_named_like_a_checkpoint_is_skipped_not_opened(tmp_path):
         assert _returns_within(manager.latest_valid_step) == 2
     _save(manager, 4)  # rotation does not open it either
     assert "step_00000010.h5" in _names(tmp_path)
+
+
+def test_restore_and_read_attrs_refuse_a_fifo_without_opening_it(tmp_path):
+    manager = CheckpointManager(tmp_path)
+    os.mkfifo(tmp_path / "step_00000003.h5")
+    with pytest.raises(CheckpointError, match="step_00000003.h5 is a FIFO, not a regular file"):
+        _returns_within(lambda: manager.restore(3, {}, {}))
+    with pytest.raises(CheckpointError, match="is a FIFO"):
+        _returns_within(lambda: read_attrs(tmp_path / "step_00000003.h5"))
 
 
 def test_status_and_resume_do_not_block_on_a_fifo(tmp_path):
@@ -103,7 +121,7 @@ def test_status_and_resume_do_not_block_on_a_fifo(tmp_path):
 
 @pytest.mark.parametrize("name", [".", "..", ".hidden", "-rf", "a/b", "x" * 129])
 def test_names_that_are_not_path_safe_are_refused(name):
-    with pytest.raises(config.ConfigError, match="name must be 1 to 128 ASCII letters"):
+    with pytest.raises(config.ConfigError, match="name must be 1 to 128 letters"):
         config.from_dict({"name": name})
 
 
@@ -130,21 +148,30 @@ def test_a_dry_run_submit_into_a_training_run_is_refused_and_changes_nothing(tmp
     (run / "job.toml").write_text(job.to_toml())
     with open(run / ".lock", "a+") as lock:  # a live run holds it
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        other = _submit(tmp_path, run, "--set", "optimizer.learning_rate=0.5")
-        assert other.returncode == 2 and "is training now" in other.stderr
-        assert "optimizer.learning_rate: 0.01 -> 0.5" in other.stderr
-        same = _submit(tmp_path, run)  # its own job: a submit that continues it
-        assert same.returncode == 0 and same.stdout.startswith("#!/bin/bash")
+        for more in (["--set", "optimizer.learning_rate=0.5"], []):  # its own job too: one trainer at a time
+            result = _submit(tmp_path, run, *more)
+            assert result.returncode == 2 and "is training now (" in result.stderr, result.stderr
     assert (run / "job.toml").read_text() == job.to_toml() and _names(run) == [".lock", "job.toml"]
 
 
-def test_a_dry_run_submit_into_a_run_with_checkpoints_of_another_job_is_refused(tmp_path):
+def test_a_submit_into_a_run_with_checkpoints_or_a_queued_job_must_be_its_job(tmp_path):
     run = tmp_path / "run"
     _save(CheckpointManager(run / "checkpoints"), 2)
     (run / "job.toml").write_text(config.load(tiny_job(tmp_path)).to_toml())  # backend local
     result = _submit(tmp_path, run)
     assert result.returncode == 2 and "holds checkpoints (newest: step 2) under another job" in result.stderr
     assert "backend.kind: 'local' -> 'dask'" in result.stderr
+    queued = tmp_path / "queued"
+    queued.mkdir()
+    job = submit.apply_flags(config.load(tiny_job(tmp_path)), backend="dask")
+    (queued / "job.toml").write_text(job.to_toml())
+    (queued / "slurm_job_id").write_text("17\n")
+    result = _submit(tmp_path, queued, "--set", "optimizer.learning_rate=0.5")
+    assert result.returncode == 2 and "was submitted before (slurm_job_id) under another job" in result.stderr
+    assert "optimizer.learning_rate: 0.01 -> 0.5" in result.stderr
+    longer = _submit(tmp_path, queued, "--time", "05:00:00")  # [slurm] may change: the run stays the same
+    assert longer.returncode == 0 and "#SBATCH --time=05:00:00" in longer.stdout
+    assert (queued / "job.toml").read_text() == job.to_toml()
 
 
 @pytest.mark.parametrize("bad", ["a\nb", 'a"b', "a\rb"])
@@ -167,12 +194,27 @@ def test_a_train_refused_for_its_data_leaves_no_run_directory(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_data_error_under_mpi_reaches_every_rank(tmp_path):
+    """Rank 0 refused the data file and never reached the barrier the other ranks waited in."""
+    bad = tmp_path / "bad.h5"
+    bad.write_text("not hdf5")
+    result = ndde("train", tiny_job(tmp_path, data=bad), "--run-dir", tmp_path / "run", "--backend", "mpi",
+                  mpi_ranks=2, check=False, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("is not a readable HDF5 file") == 1, result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
 def test_a_train_that_cannot_reach_its_scheduler_leaves_no_run_directory(tmp_path):
     job = tiny_job(tmp_path)
     ndde("data", job)
     result = ndde("train", job, "--run-dir", tmp_path / "run", "--backend", "dask", "--scheduler",
                   "tcp://127.0.0.1:9", check=False, timeout=300, env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"})
     assert result.returncode != 0 and not (tmp_path / "run").exists(), result.stderr
+    (tmp_path / "empty").mkdir()  # a directory made for the run: left as it was, empty
+    result = ndde("train", job, "--run-dir", tmp_path / "empty", "--backend", "dask", "--scheduler",
+                  "tcp://127.0.0.1:9", check=False, timeout=300, env={"DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "3s"})
+    assert result.returncode != 0 and _names(tmp_path / "empty") == [], result.stderr
 
 
 # 8. failed steps in a row carry over a resume ----------------------------------------------
@@ -210,8 +252,8 @@ def test_slurm_extra_that_breaks_the_script_is_refused(option):
 
 
 def test_slurm_extra_that_leaves_the_script_alone_is_kept():
-    job = config.from_dict({"slurm": {"extra": ["--constraint=a100", "--exclusive", "--mail-type=END"]}})
-    assert job.slurm.extra == ("--constraint=a100", "--exclusive", "--mail-type=END")
+    kept = ("--constraint=a100", "--exclusive", "--mail-type=END", "--gpus=4")  # --gpus: an option of its own
+    assert config.from_dict({"slurm": {"extra": list(kept)}}).slurm.extra == kept
 
 
 @pytest.mark.parametrize("time, grace, ok", [("00:10:00", 599, True), ("00:10:00", 600, False), ("2", 120, False),
@@ -230,7 +272,7 @@ def test_signal_grace_stays_below_the_time_limit(time, grace, ok):
 def test_the_script_calls_scontrol_and_hostname_by_the_paths_found_at_submit_time():
     found = submit.tools()
     script = submit.render_sbatch(config.from_dict({}), ["/r"], "/r/o", "/b/ndde", **found)
-    assert f"    {found['scontrol']} requeue" in script and f"on $({found['hostname']})" in script
+    assert f"if {found['scontrol']} requeue" in script and f"on $({found['hostname']})" in script
     assert pathlib.Path(found["hostname"]).is_absolute()  # coreutils' hostname is on every machine
 
 
@@ -270,8 +312,7 @@ def test_bad_job_files_end_in_one_line(tmp_path, contents, text):
 def test_step_and_worker_counts_must_be_positive(tmp_path, flags):
     job = tiny_job(tmp_path)
     for command, target in (("train", job), ("resume", tmp_path)):
-        result = _main(command, target, *flags)
-        assert result.returncode == 2 and "expected a positive integer" in result.stderr, result.stderr
+        _one_line_error(_main(command, target, *flags), command, "expected a positive integer")
 
 
 def _tiny(tmp_path, **data_keys):
@@ -283,6 +324,9 @@ def test_a_generator_that_cannot_reach_t1_or_overflows_writes_no_file(tmp_path):
         data.generate(_tiny(tmp_path, t1=1e9), tmp_path / "long.h5")
     with pytest.raises(data.DataError, match="data.noise = 1e.308 makes observations overflow"):
         data.generate(_tiny(tmp_path, noise=1e308), tmp_path / "noisy.h5")
+    assert _names(tmp_path) == ["job.toml"]
+    _one_line_error(_main("data", tiny_job(tmp_path), "--set", "data.noise=1e308", "--out", tmp_path / "n.h5"), "data",
+                    "makes observations overflow to inf")
     assert _names(tmp_path) == ["job.toml"]
 
 
@@ -343,8 +387,9 @@ def _catches(pid, sig) -> bool:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_while_starting_means_requeue_without_a_checkpoint(tmp_path, sig):
-    """Before the training loop's handlers are in place (imports, data generation, the backend's
-    start) SIGUSR1 killed the process (the batch shell saw 138: no requeue)."""
+    """From the moment the command line is parsed (before imports, data generation, the
+    backend's start) a stop signal ends the start with exit 75 and no checkpoint: the batch
+    shell requeues (an uncaught SIGUSR1 would end it with 138, no requeue)."""
     job, run = tiny_job(tmp_path), tmp_path / "run"
     proc = subprocess.Popen([str(BIN / "ndde"), "train", str(job), "--run-dir", str(run)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -355,6 +400,6 @@ def test_a_signal_while_starting_means_requeue_without_a_checkpoint(tmp_path, si
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 75, stderr
-    assert f"{sig.name} received while starting, before step 1: nothing trained, no checkpoint written" in stderr
+    assert f"{sig.name} received while starting, before its first step" in stderr and "nothing trained, no checkpoint written" in stderr
     assert CheckpointManager(run / "checkpoints").steps() == []
-    assert (run / "job.toml").exists()  # `ndde resume` (the requeued job) starts it from step 0
+    assert not (run / "job.toml").exists() or (run / "job.toml").read_text().startswith('name = "tiny_hnn"')

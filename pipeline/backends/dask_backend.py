@@ -14,7 +14,7 @@ import signal
 import sys
 import time
 
-from distributed import WorkerPlugin, wait
+from distributed import KilledWorker, WorkerPlugin, wait
 
 from ..config import from_toml_text
 from . import DriverBackend, StepAbandoned, reduce_in_order
@@ -73,11 +73,13 @@ def _shard_task(config_text, data_path, shard, shards, flat_theta, step):
 
     name = get_worker().name
     _pin_once(int(name) if str(name).isdigit() else None, shards, config_text)
-    kill = os.environ.get("NDDE_TEST_KILL_WORKER", "")  # "STEP:MARKER" fault injection: die once
+    # fault injection: "STEP:MARKER" dies once (the marker file records it), "STEP:always" each time
+    kill = os.environ.get("NDDE_TEST_KILL_WORKER", "")
     if kill and shard == shards - 1:
         kill_step, marker = kill.split(":", 1)
-        if int(kill_step) == step and not os.path.exists(marker):
-            open(marker, "w").close()
+        if int(kill_step) == step and (marker == "always" or not os.path.exists(marker)):
+            if marker != "always":
+                open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
     return worker_for(config_text, data_path, shard, shards).compute(flat_theta, step)
 
@@ -145,13 +147,18 @@ def _wait_for_first(futures: list, timeout: float):
         err.__traceback__ = None  # its frames hold the futures (a cycle): drop them now, not at the next gc
 
 
-def _fetched(future, timeout: float):
-    """A done future's result; None when its worker died holding it (the task is pending again)."""
+def _fetched(future, timeout: float, shard: int):
+    """A done future's result; None when its worker died holding it (the task is pending again).
+    StepAbandoned when the scheduler gave the task up (it was running on each of the workers
+    that died, distributed.scheduler.allowed-failures + 1 of them)."""
     try:
         return future.result(timeout=timeout)
     except TimeoutError as err:
         err.__traceback__ = None  # as in _wait_for_first
         return None
+    except KilledWorker as err:
+        raise StepAbandoned(f"shard {shard}'s task was running on every worker that died ({err}); look for "
+                            "what kills them (memory: the workers' logs in RUN_DIR/dask-workers)") from None
 
 
 def _listed(shards) -> str:
@@ -238,7 +245,7 @@ class DaskBackend(DriverBackend):
         while futures:
             _wait_for_first(list(futures.values()), POLL_S)
             for w in [w for w, f in futures.items() if f.done()]:
-                result = _fetched(futures[w], FETCH_S)
+                result = _fetched(futures[w], FETCH_S, w)
                 if result is not None:
                     results[w] = result
                     del futures[w]
