@@ -186,7 +186,8 @@ def run(cfg: LoopConfig, rhs: Rhs, state: LoopState, t1, saveat, stops, stop_is_
         t_next = jnp.where(land, stop, t + h)
         lookups = None if rhs.lookups is None else jax.vmap(lambda s, left: rhs.lookups(st.hist, s, left))
         step = rk_step(tab, lambda s, z, left, *looked: rhs.eval(st.hist, s, z, left, *looked), t, y, h, st.k1,
-                       rhs.n_state, None if rhs.hist_part is None else rhs.hist_part[1], lookups)
+                       rhs.n_state, None if rhs.hist_part is None else rhs.hist_part[1], lookups,
+                       rhs.uncontrolled_from)
         y1 = step.y1
         finite = jnp.all(jnp.isfinite(y1))
         cut = (lambda v: v) if rhs.n_state is None else (lambda v: v[:rhs.n_state])
@@ -391,11 +392,11 @@ def _run_chunked(cond, advance, state, rhs, tab):
 
 
 def _error_norms(rhs: Rhs, err, y, y1, rtol, atol) -> list:
-    """The error norm of each part of the state (Rhs.err_groups): one part without n_state."""
+    """The error norm of each part of the state (Rhs.err_groups): one part without n_state.
+    err covers y[:Rhs.uncontrolled_from] (see _step.rk_step's n_err)."""
     if rhs.n_state is None:
         return [error_norm(err, y, y1, rtol, atol)]
-    end = y.shape[0] if rhs.uncontrolled_from is None else rhs.uncontrolled_from
-    bounds = (0,) + (rhs.err_groups or (rhs.n_state,)) + (end,)
+    bounds = (0,) + (rhs.err_groups or (rhs.n_state,)) + (err.shape[0],)
     return [error_norm(err[a:b], y[a:b], y1[a:b], rtol, atol) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 

@@ -29,7 +29,8 @@ def _combine(weights, ks):
     return out
 
 
-def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, lookups=None) -> StepResult:
+def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, lookups=None,
+            n_err=None) -> StepResult:
     """Take one step of size h from (t, y) with first stage k1 = f(t, y).
 
     ``f(t, y, left)`` evaluates the right-hand side at a stage after the first one; ``left`` (a
@@ -45,8 +46,9 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, loo
     n_state: when set (1-D y), only y[:n_state] is a state that f reads; the rest is a pure
     integral of f's output (an adjoint's ∫ f_pᵀλ). f then receives y[:n_state] only, the
     integral is advanced with the weights b alone, and coeffs cover the state only; err covers
-    all of y, the integrals' quadrature error (weights b_err) included: a step whose state is
-    exact (λ constant where f_x = 0) may still integrate them badly.
+    y[:n_err] (all of y when n_err is None), the integrals' quadrature error (weights b_err)
+    included: a step whose state is exact (λ constant where f_x = 0) may still integrate them
+    badly. y[n_err:] is outside the step control, and its error is not computed.
     n_dense (≥ n_state): coeffs cover y[:n_dense], the state and the integrals right after it
     whose dense output is read (a DDE adjoint's ∫ μ_j, see sensitivity/_adjoint.py).
     """
@@ -77,7 +79,7 @@ def rk_step(tab: ButcherTableau, f, t, y, h, k1, n_state=None, n_dense=None, loo
     if tab.adaptive:
         err = h * _combine(cast(tab.b_err), kx)
         if n_state is not None:
-            err = jnp.concatenate([err, h * _combine(cast(tab.b_err), [k[n_state:] for k in ks])])
+            err = jnp.concatenate([err, h * _combine(cast(tab.b_err), [k[n_state:n_err] for k in ks])])
     if n_dense is not None and n_dense != n_state:
         x, kx = y[:n_dense], [k[:n_dense] for k in ks]
     dense = [h * _combine(cast([row[p] for row in tab.dense]), kx) for p in range(tab.degree)]

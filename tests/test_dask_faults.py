@@ -3,6 +3,7 @@ and the step's shards run again on them; SIGTERM to the driver, or to the whole 
 (what a terminal or a batch system may send), checkpoints the last completed step and exits
 75 whatever the workers do; `ndde resume` then repeats the bits of an uninterrupted run."""
 
+import contextlib
 import os
 import re
 import signal
@@ -11,6 +12,7 @@ import time
 
 import psutil
 import pytest
+from distributed import LocalCluster
 
 from pipeline.backends import StepAbandoned
 from pipeline.backends.dask_backend import STOP_GRACE_S, DaskBackend, _Patience
@@ -82,24 +84,27 @@ def _finish(proc, timeout):
     return proc.returncode, time.monotonic() - t, err
 
 
-def _kill_group(proc):
+@contextlib.contextmanager
+def _running_on_dask(job, run_dir, pause_s):
+    """_start_on_dask's process; its whole process group is killed when the block ends."""
+    proc = _start_on_dask(job, run_dir, pause_s)
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.mark.slow
 def test_both_workers_killed_mid_step_are_restarted_and_the_step_runs_again(reference, tmp_path):
     job, ref = reference
     run = tmp_path / "run"
-    proc = _start_on_dask(job, run, pause_s=3)
-    try:
+    with _running_on_dask(job, run, pause_s=3) as proc:
         for worker in _in_the_paused_step(proc, run):
             worker.send_signal(signal.SIGKILL)
         code, took, err = _finish(proc, timeout=90)
-    finally:
-        _kill_group(proc)
     print(f"both workers killed: the run completed {took:.1f} s later")
     assert code == 0, err[-3000:]
     assert_same_bits(_ckpt(run, STEPS), ref)
@@ -109,15 +114,12 @@ def test_both_workers_killed_mid_step_are_restarted_and_the_step_runs_again(refe
 def test_sigterm_to_the_driver_whose_workers_died_checkpoints_and_exits_75(reference, tmp_path):
     job, ref = reference
     run = tmp_path / "run"
-    proc = _start_on_dask(job, run, pause_s=60)
-    try:
+    with _running_on_dask(job, run, pause_s=60) as proc:
         for worker in _in_the_paused_step(proc, run):
             worker.send_signal(signal.SIGKILL)
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         code, took, err = _finish(proc, timeout=STOP_GRACE_S + 30)
-    finally:
-        _kill_group(proc)
     print(f"SIGTERM to the driver of dead workers: exit {code} {took:.1f} s later")
     assert code == 75, err[-3000:]
     last = PAUSED_STEP - 1  # not a multiple of checkpoint.every: written because the run stopped
@@ -131,13 +133,10 @@ def test_sigterm_to_the_driver_whose_workers_died_checkpoints_and_exits_75(refer
 def test_sigterm_to_the_whole_process_group_checkpoints_and_exits_75(reference, tmp_path):
     job, ref = reference
     run = tmp_path / "run"
-    proc = _start_on_dask(job, run, pause_s=60)
-    try:
+    with _running_on_dask(job, run, pause_s=60) as proc:
         _in_the_paused_step(proc, run)
         os.killpg(proc.pid, signal.SIGTERM)  # the driver, its nannies' worker processes, everything
         code, took, err = _finish(proc, timeout=STOP_GRACE_S + 30)
-    finally:
-        _kill_group(proc)
     print(f"SIGTERM to the process group: exit {code} {took:.1f} s later")
     assert code == 75, err[-3000:]
     stopped = re.search(rf"SIGTERM received: step {PAUSED_STEP} abandoned, .*checkpointed step (\d+) to ", err)
@@ -153,14 +152,11 @@ def test_sigterm_to_the_driver_whose_workers_hang_checkpoints_and_exits_75(refer
     STOP_GRACE_S to finish, then the run stops as above, well inside Slurm's 30 s KillWait."""
     job, ref = reference
     run = tmp_path / "run"
-    proc = _start_on_dask(job, run, pause_s=60)
-    try:
+    with _running_on_dask(job, run, pause_s=60) as proc:
         for worker in _in_the_paused_step(proc, run):
             worker.send_signal(signal.SIGSTOP)
         proc.send_signal(signal.SIGTERM)
         code, took, err = _finish(proc, timeout=STOP_GRACE_S + 30)
-    finally:
-        _kill_group(proc)
     print(f"SIGTERM to the driver of hung workers: exit {code} {took:.1f} s later")
     assert code == 75, err[-3000:]
     assert f"step {PAUSED_STEP} abandoned, it did not finish within {STOP_GRACE_S:g} s of the signal" in err, err
@@ -192,8 +188,6 @@ def test_after_a_stop_signal_a_step_waits_only_for_shards_that_live_workers_run(
 
 
 def test_a_scheduler_without_workers_is_an_error_after_worker_timeout(tmp_path):
-    from distributed import LocalCluster
-
     text = tiny_job(tmp_path).read_text().replace("[backend]", "[backend]\nworker_timeout = 1")
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
         t = time.monotonic()

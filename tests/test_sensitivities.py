@@ -420,6 +420,8 @@ def test_sensitivity_arguments_are_checked():
         sv.InterpolatingAdjoint(checkpoints=0)
     with pytest.raises(ValueError, match="nodes must be an int in 1..8"):
         sv.QuadratureAdjoint(nodes=20)
+    with pytest.raises(ValueError, match="nodes must be an int in 1..8, got True"):  # a bool is no count
+        sv.QuadratureAdjoint(nodes=True)
     with pytest.raises(TypeError, match="sensitivity must be one of"):
         sv.solve(pendulum(), {"m": 1.0, "k": 2.0, "q0": 1.0}, sensitivity="adjoint")
 

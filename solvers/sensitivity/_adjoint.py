@@ -28,9 +28,10 @@ them in once per chunk of steps by one VJP (the same sum, another order).
 
 The sweep's step control norms λ and ∫μ_j apart, each within rtol/atol: ∫μ_j's slope is the
 advanced term of later steps, and where f_x and the advanced term vanish λ is constant and
-would bound no step (issue 37's reproducer 2 kept a 1.2e-5 error at every tolerance). ∫ f_pᵀλ
-stays outside the control, so that the per-chunk fold under vmap takes the same steps as the
-augmented sweep; where λ is constant over long steps its quadrature error can remain (open).
+bounds no step, so an error that the integrals alone carry must bound it. ∫ f_pᵀλ stays outside
+the control (Rhs.uncontrolled_from), so that the per-chunk fold under vmap takes the same steps
+as the augmented sweep; where λ is constant over long steps its quadrature error can remain
+(issue 37, open).
 """
 
 from __future__ import annotations

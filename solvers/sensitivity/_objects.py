@@ -102,7 +102,7 @@ class QuadratureAdjoint(AbstractSensitivity):
     nodes: int = 4
 
     def __post_init__(self):
-        if not isinstance(self.nodes, int) or not 1 <= self.nodes <= 8:
+        if not isinstance(self.nodes, int) or isinstance(self.nodes, bool) or not 1 <= self.nodes <= 8:
             raise ValueError(f"QuadratureAdjoint: nodes must be an int in 1..8, got {self.nodes!r}")
 
 
