@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _forward
+from . import _directional, _forward
 from ._controller import ConstantStepSize, PIController
 from ._forward import HISTORY_FULL, MAX_STEPS, NONFINITE, OK, UNDERFLOW, WINDOWS_FULL
 from ._precision import check_precision, with_precision
@@ -169,16 +169,13 @@ def _positive(name, value) -> float:
     raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
-def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, save_window=False, replay=None,
-                  record=False):
-    """Run the forward loop; returns (final LoopState, Built). record: the final state holds
-    every attempt's _forward.Decisions; replay: take those of a recording run."""
+def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, save_window=False, replay=None):
+    """Run the forward loop; returns (final LoopState, Built). replay: take the Decisions of a
+    recording run (recorded_decisions)."""
     built = build(prob, p, saveat, opts)
     cfg = opts.loop_config()
     state = _forward.init_state(cfg, built.rhs, built.y0, built.t0, built.t1, saveat, built.rtol, built.atol,
                                 opts.dt0, built.hist0)
-    if record:
-        state = _forward.record_decisions(state, opts.max_steps)
     final = _forward.run(cfg, built.rhs, state, built.t1, saveat, built.stops, built.stop_is_bp, built.rtol,
                          built.atol, opts.dt0, kind=kind, checkpoints=checkpoints, save_window=save_window,
                          replay=replay)
@@ -186,12 +183,20 @@ def forward_solve(prob, p, saveat, opts: Options, kind="lax", checkpoints=None, 
 
 
 def recorded_decisions(prob, p, saveat, opts: Options):
-    """Every step attempt's decisions in the plain forward solve (no derivative flows), for the
-    differentiated loops of Backprop and ForwardMode to replay: both then differentiate the one
-    discrete solution whatever programs XLA compiles them into (see _forward.run's replay)."""
+    """Every step attempt's decisions in a forward solve that no derivative flows through, for
+    the differentiated loops of Backprop and ForwardMode to replay: both then differentiate the
+    one discrete solution whatever programs XLA compiles them into (see _forward.run's replay).
+    That solve integrates x with its tangent along a fixed direction of p, both under the step
+    control, so that its steps resolve the derivative too (see _directional)."""
     floats, others = eqx.partition((prob, p, saveat), eqx.is_inexact_array)
     prob, p, saveat = eqx.combine(lax.stop_gradient(floats), others)
-    return forward_solve(prob, p, saveat, opts, save_window=opts.grad_differentiated, record=True)[0].decisions
+    built = build(prob, p, saveat, opts)
+    rhs, y0, hist0 = _directional.tangent_problem_parts(prob, p, built, opts)
+    cfg = opts.loop_config()
+    state = _forward.init_state(cfg, rhs, y0, built.t0, built.t1, saveat, built.rtol, built.atol, opts.dt0, hist0)
+    final = _forward.run(cfg, rhs, _forward.record_decisions(state, opts.max_steps), built.t1, saveat, built.stops,
+                         built.stop_is_bp, built.rtol, built.atol, opts.dt0, save_window=opts.grad_differentiated)
+    return final.decisions
 
 
 def backprop_solve(prob, p, saveat, opts: Options, checkpoints=None):

@@ -307,13 +307,18 @@ def test_fixed_step_gradients_converge_at_the_methods_order(refcases):
         assert 12.0 <= err[0] / err[1] <= 32.0, (repr(s), err)
 
     # the value under jax.grad is the plain solve's, bit for bit: InterpolatingAdjoint's checkpoints
-    # were stops of their own and changed the steps (constant: 0.4 -> 0.125; adaptive: one more each)
+    # were stops of their own and changed the steps (constant: 0.4 -> 0.125; adaptive: one more each).
+    # Adaptive Backprop on a DDE takes the steps of a solve whose control also sees the tangent
+    # (solvers/_directional.py): another discrete solution, within the tolerance of the plain one
     dde = linear_dde(case["T"])
     for kw in ({"solver": sv.RK4(), "dt0": 0.4}, {"rtol": 1e-6}):
         plain = sv.solve(dde, p, history_size=4096, **kw).ys
         for s in methods:
             value = jax.value_and_grad(lambda p: sv.solve(dde, p, sensitivity=s, history_size=4096, **kw).ys[-1])(p)[0]
-            assert float(value) == float(plain[-1]), (repr(s), kw, float(value - plain[-1]))
+            if isinstance(s, sv.Backprop) and "rtol" in kw:
+                assert abs(float(value - plain[-1])) <= kw["rtol"] * abs(float(plain[-1])), (repr(s), kw)
+            else:
+                assert float(value) == float(plain[-1]), (repr(s), kw, float(value - plain[-1]))
 
 
 class _DelayedMLP(eqx.Module):

@@ -28,10 +28,12 @@ them in once per chunk of steps by one VJP (the same sum, another order).
 
 The sweep's step control norms λ and ∫μ_j apart, each within rtol/atol: ∫μ_j's slope is the
 advanced term of later steps, and where f_x and the advanced term vanish λ is constant and
-bounds no step, so an error that the integrals alone carry must bound it. ∫ f_pᵀλ stays outside
-the control (Rhs.uncontrolled_from), so that the per-chunk fold under vmap takes the same steps
-as the augmented sweep; where λ is constant over long steps its quadrature error can remain
-(issue 37, open).
+bounds no step, so an error that the integrals alone carry must bound it. ∫ f_pᵀλ itself stays
+outside the control (Rhs.uncontrolled_from): under vmap it is never formed per stage. Its
+projection ∫ λᵀ f_p v on the fixed direction v of _directional is in the state and in the
+control instead (vᵀ of the VJP's f_pᵀλ, or one JVP along v under vmap), so that a step whose λ
+is exact still resolves the parameter integral, and the vmapped and looped sweeps control the same
+quantity (to rounding) and take the same steps.
 """
 
 from __future__ import annotations
@@ -44,10 +46,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from .. import _forward, _history
+from .. import _directional, _forward, _history
 from . import _closure, _interpolating
 from .._breakpoints import breakpoint_times, stop_times
 from .._controller import ConstantStepSize
+from .._precision import HIGHEST
 from .._problem import DDEProblem, GradientField
 from .._setup import build, delays_of, initial_state, lagged_values, solve_delays, unified_rhs
 from ._objects import BacksolveAdjoint, InterpolatingAdjoint, QuadratureAdjoint
@@ -165,10 +168,12 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     augmented = not quadrature and not deferred
     ct_ys = jnp.asarray(ct_ys, dtype)
 
-    # layout of the backward state Z: [λ, x (backsolve only), ∫μ_j (DDE only), ∫ f_pᵀλ (augmented only)]
+    # layout of the backward state Z: [λ, x (backsolve only), ∫μ_j (DDE only), ∫ λᵀ f_p v, ∫ f_pᵀλ
+    # (augmented only)], v the step control's fixed direction in p (see _directional)
     m = taus.shape[0] if is_dde else 0
     n_lam = n * (2 if backsolve else 1)  # the part the sweep's rhs reads
     n_mu = m * n
+    v = _directional.direction(n_p, dtype)
 
     def split(Z):
         lam = Z[:n].reshape(shape)
@@ -201,6 +206,14 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         dx, mu, dp = vjp(lam)
         return dx, mu, dp + lags_vjp(mu)[0], fx
 
+    def along_v(t, x, lam, fwd, left, dp):
+        """λᵀ (f_p v): vᵀ of the VJP's f_pᵀλ where it is taken, else one JVP along v."""
+        if dp is not None:
+            return jnp.dot(v, dp, precision=HIGHEST)[None]
+        lags = (lambda q: fwd.lags(t, left, q)) if is_dde else (lambda q: None)
+        _, f_p_v = jax.jvp(lambda pf: f(t, x, lags(unravel(pf)), unravel(pf)), (p_flat,), (v,))
+        return jnp.sum(lam * f_p_v)[None]
+
     def advanced(hist_b, s, left):
         """Σ_j μ_j(t + τ_j): the slope of the sweep's own ∫μ_j at s - τ_j (DESIGN.md's advanced
         term without a second VJP; zero beyond T, i.e. before s = -T)."""
@@ -230,6 +243,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
                 parts.append(-fx.ravel())
             if is_dde:
                 parts.append(mu.ravel())
+            parts.append(along_v(t, x, lam, None if backsolve else fwd, fwd_left, dp))
             if augmented:
                 parts.append(dp)
             return jnp.concatenate(parts)
@@ -265,15 +279,17 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
 
         cap = jax.lax.stop_gradient(jnp.min(taus)) if is_dde else jnp.asarray(jnp.inf, dtype)
         max_delay = jax.lax.stop_gradient(jnp.max(taus)) if is_dde else jnp.zeros((), dtype)
-        # ∫ f_pᵀλ and ∫μ_j never feed back into the stages: advanced with the weights b (a vmapped
-        # sweep carries one copy per trajectory); ∫μ_j keeps its dense output, whose slope gives
-        # the advanced term. Each is normed apart from λ in the step control: a step that resolves
-        # λ need not resolve them (λ is constant where f_x and the advanced term vanish).
+        # ∫μ_j, ∫ λᵀ f_p v and ∫ f_pᵀλ never feed back into the stages: advanced with the weights b
+        # (a vmapped sweep carries one copy per trajectory); ∫μ_j keeps its dense output, whose
+        # slope gives the advanced term. ∫μ_j and ∫ λᵀ f_p v are each normed apart from λ in the
+        # step control: a step that resolves λ need not resolve them (λ is constant where f_x and
+        # the advanced term vanish). ∫ f_pᵀλ itself is left out, so that the per-chunk fold under
+        # vmap (which never forms it per stage) takes the same steps.
         return _forward.Rhs(eval=evaluate, cap=cap, max_delay=max_delay,
                             hist_part=(n_lam, n_lam + n_mu) if is_dde else None,
                             quadrature=quad if quadrature and not deferred else None,
-                            n_state=n_lam if augmented or is_dde else None, err_groups=(n_lam, n_lam + n_mu),
-                            uncontrolled_from=n_lam + n_mu,
+                            n_state=n_lam, err_groups=(n_lam, n_lam + n_mu, n_lam + n_mu + 1),
+                            uncontrolled_from=n_lam + n_mu + 1,
                             param_part=param_part if deferred else None,
                             param_nodes=gauss if quadrature else None)
 
@@ -281,7 +297,7 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
     s_obs = -saveat[::-1]
     g = ct_ys[::-1].reshape(saveat.shape[0], n)
     at_T = s_obs == s_start
-    size_z = n_lam + n_mu + (n_p if augmented else 0)
+    size_z = n_lam + n_mu + 1 + (n_p if augmented else 0)
     impulses = jnp.zeros((saveat.shape[0], size_z), dtype).at[:, :n].set(jnp.where(at_T[:, None], 0.0, g))
     Z0 = jnp.zeros((size_z,), dtype).at[:n].set(jnp.sum(jnp.where(at_T[:, None], g, 0.0), axis=0))
     if backsolve:

@@ -51,7 +51,15 @@ class Backprop(AbstractSensitivity):
     online-checkpointed while loop (Stumm and Walther) with that many stored states (None:
     ⌊√(2 max_steps)⌋), since a DDE's state holds its whole history buffer. On the HNN benchmark
     (bench/README.md) the ODE loop takes 0.86-0.92x the checkpointed loop's time, 0.87x under
-    vmap."""
+    vmap.
+
+    For a DDE (Backprop and ForwardMode alike) the steps are those of a recording solve whose
+    step control norms, beside x, its tangent along one fixed direction of p
+    (``solvers/_directional.py``): where x alone is a polynomial the method integrates exactly
+    (f_x = 0, constant history) the steps would otherwise be τ long and the derivative's error
+    would not fall with the tolerance. The recording solve costs one JVP of the rhs per stage,
+    and the value returned under ``jax.grad`` is that of its steps: within the tolerance of the
+    plain solve's value, not equal to it bit for bit."""
 
     checkpoints: int | None = None
 
