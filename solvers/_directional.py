@@ -30,7 +30,7 @@ _KEY = 37  # the direction is the same in every program: vmapped and looped swee
 
 def direction(n: int, dtype):
     """The fixed direction in a flat parameter vector of n entries: standard normal entries
-    (unit root mean square), the same for every n-prefix."""
+    drawn from one fixed key (the same vector in every program of the same n and dtype)."""
     return jax.random.normal(jax.random.PRNGKey(_KEY), (n,), dtype) if n else jnp.zeros((0,), dtype)
 
 

@@ -206,12 +206,19 @@ def _backward(prob, p, saveat, ct_ys, residual, fwd_probes, opts, sens, is_dde, 
         dx, mu, dp = vjp(lam)
         return dx, mu, dp + lags_vjp(mu)[0], fx
 
+    # f_pᵀλ comes out of the VJP rounded to each parameter's dtype; a JVP's tangent keeps the state's
+    dp_exact = all(jnp.finfo(leaf.dtype).bits >= jnp.finfo(dtype).bits
+                   for leaf in jax.tree_util.tree_leaves(p) if jnp.issubdtype(leaf.dtype, jnp.inexact))
+
     def along_v(t, x, lam, fwd, left, dp):
-        """λᵀ (f_p v): vᵀ of the VJP's f_pᵀλ where it is taken, else one JVP along v."""
-        if dp is not None:
+        """λᵀ (f_p v): vᵀ of the VJP's f_pᵀλ where it is taken in the state's precision, else one
+        JVP along v (float32 rounding noise in a float64 sweep's control would shrink its steps
+        to resolve the noise)."""
+        if dp is not None and dp_exact:
             return jnp.dot(v, dp, precision=HIGHEST)[None]
         lags = (lambda q: fwd.lags(t, left, q)) if is_dde else (lambda q: None)
-        _, f_p_v = jax.jvp(lambda pf: f(t, x, lags(unravel(pf)), unravel(pf)), (p_flat,), (v,))
+        at = lambda pf: f(t, x, lags(unravel(pf)), unravel(pf))
+        _, f_p_v = jax.jvp(at, (p_flat,), (v.astype(p_flat.dtype),))
         return jnp.sum(lam * f_p_v)[None]
 
     def advanced(hist_b, s, left):
