@@ -46,8 +46,16 @@ def _key_name(key) -> str:
 
 
 def leaf_paths(tree) -> list[tuple[str, object]]:
+    """(dataset name, leaf) of every leaf: its key path joined with "/" (dict keys, attribute
+    names of equinox modules, sequence indices). Raises CheckpointError when two leaves would
+    share a name (a dict key holding "/")."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [("/".join(_key_name(k) for k in path) or "_", leaf) for path, leaf in flat]
+    out = [("/".join(_key_name(k) for k in path) or "_", leaf) for path, leaf in flat]
+    names = [name for name, _ in out]
+    if len(set(names)) != len(names):
+        clash = next(name for name in names if names.count(name) > 1)
+        raise CheckpointError(f"two params leaves are both stored as {clash!r}: rename the dict key that holds '/'")
+    return out
 
 
 def _attr_text(value) -> str:

@@ -37,7 +37,7 @@ def _resume(args):
     from . import runner
 
     summary = runner.resume(args.run_dir, steps=args.steps, backend=args.backend, workers=args.workers,
-                            scheduler=args.scheduler)
+                            scheduler=args.scheduler, allow_model_change=args.allow_model_change)
     return _print_summary(summary)
 
 
@@ -54,7 +54,8 @@ def _data(args):
         raise data.DataError(existing)
     path = data.generate(job, target)
     info = data.validate(path, job)
-    print(f"wrote {path}: {info['n']} trajectories x {info['n_times']} times ({job.data.system})")
+    print(f"wrote {path}: {info['n']} trajectories x {info['n_times']} times of a {info['dim']}-d state "
+          f"({job.data.system})")
     return 0
 
 
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("resume", help="continue a run from its newest checkpoint that verifies")
     p.add_argument("run_dir")
     _add_backend_flags(p, "stop at this step (default train.steps)")
+    p.add_argument("--allow-model-change", action="store_true",
+                   help="resume although the run's model or loss file (RUN_DIR/model/) changed since the checkpoint")
     p.set_defaults(func=_resume)
     p = sub.add_parser("data", help="generate a job's HDF5 data file")
     p.add_argument("job")

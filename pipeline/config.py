@@ -15,6 +15,8 @@ import re
 import tomllib
 from typing import Any
 
+from .zoo import SHIPPED, SYSTEM
+
 
 class ConfigError(ValueError):
     """A job file or override that does not describe a valid job."""
@@ -33,18 +35,39 @@ def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, pattern=Non
                                                         "doc": doc, "hint": hint})
 
 
+ENTRY_PATTERN = r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?"
+SHORTHAND_KEYS = ("hidden", "tau_init")  # [model] keys of the kind shorthand, passed to its entry
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    kind: str = _spec("hnn", choices=("hnn", "ndde", "delayed_gradient"))
-    hidden: tuple = _spec((32, 32), doc="widths of the MLP's hidden layers")
-    tau_init: float = _spec(1.0, lo=0.0, lo_open=True, doc="initial delay (DDE models)")
+    entry: str = _spec("", pattern=ENTRY_PATTERN, hint='"module:function"',
+                       doc='"module:function" returning a pipeline.Model; the module is looked up beside the job '
+                           "file first, then on sys.path")
+    kind: str = _spec("", choices=("", *SHIPPED), doc="shorthand for entry = pipeline.zoo.<kind>:make_model; "
+                                                      "hnn when neither entry nor kind is given")
+    hidden: tuple = _spec((32, 32), doc="kind shorthand: widths of the MLP's hidden layers")
+    tau_init: float = _spec(1.0, lo=0.0, lo_open=True, doc="kind shorthand: initial delay (DDE kinds)")
     seed: int = _spec(0, lo=0, hi=SEED_MAX)
+    source: str = _spec("", doc="the entry module's file; ndde train sets it to the run directory's copy")
+    options: dict = dataclasses.field(default_factory=dict, metadata={"doc": "[model.options]: keyword arguments "
+                                                                             "of the entry function"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    entry: str = _spec("", pattern=ENTRY_PATTERN, hint='"module:function"',
+                       doc='"module:function", loss(pred_ys, obs_ys, mask) per trajectory; empty: masked MSE')
+    source: str = _spec("", doc="the entry module's file; ndde train sets it to the run directory's copy")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    system: str = _spec("pendulum", choices=("pendulum", "mackey_glass", "delayed_gradient"))
-    path: str = _spec("", doc="HDF5 file; empty: data/<job name>.h5 (relative to the working directory)")
+    system: str = _spec("", choices=("", "pendulum", "mackey_glass", "delayed_gradient"),
+                        doc="generated data only: the system the data comes from; empty: the kind's system, or "
+                            "none (data.path must then name an existing file)")
+    path: str = _spec("", doc="HDF5 file, relative to the job file; empty: data/<job name>.h5 (relative to the "
+                              "working directory)")
     n_train: int = _spec(256, lo=1)
     n_test: int = _spec(16, lo=1)
     t1: float = _spec(3.0, lo=0.0, lo_open=True)
@@ -130,7 +153,7 @@ class SlurmConfig:
     launcher: str = _spec("mpiexec", choices=("mpiexec", "srun"), doc="how the mpi backend starts ranks")
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "solver": SolverConfig, "train": TrainConfig,
+SECTIONS = {"model": ModelConfig, "loss": LossConfig, "data": DataConfig, "solver": SolverConfig, "train": TrainConfig,
             "optimizer": OptimizerConfig, "backend": BackendConfig, "checkpoint": CheckpointConfig, "slurm": SlurmConfig}
 
 
@@ -138,6 +161,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "solver": SolverConfig, "t
 class JobConfig:
     name: str
     model: ModelConfig
+    loss: LossConfig
     data: DataConfig
     solver: SolverConfig
     train: TrainConfig
@@ -145,6 +169,8 @@ class JobConfig:
     backend: BackendConfig
     checkpoint: CheckpointConfig
     slurm: SlurmConfig
+    base_dir: str = dataclasses.field(default="", compare=False)  # the job file's directory (entries are looked
+    # up there first); neither written to TOML nor compared
 
     @property
     def data_path(self) -> pathlib.Path:
@@ -159,6 +185,8 @@ class JobConfig:
         for section in SECTIONS:
             lines.append(f"\n[{section}]")
             for key, value in dataclasses.asdict(getattr(self, section)).items():
+                if section == "model" and key in SHORTHAND_KEYS and not self.model.kind:
+                    continue
                 lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
 
@@ -173,7 +201,32 @@ def _toml_value(value) -> str:
         return f'"{escaped}"'
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _check_options(where: str, value: Any) -> dict:
+    """[model.options]: a table of TOML values (dates excepted: to_toml writes none)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table ([{where}]), got {value!r}")
+
+    def check(path, v):
+        if isinstance(v, dict):
+            for k, item in v.items():
+                check(f"{path}.{k}", item)
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                check(f"{path}[{i}]", item)
+        elif not isinstance(v, (bool, int, float, str)):
+            raise ConfigError(f"{path} = {v!r}: options take numbers, strings, booleans, arrays and tables")
+
+    check(where, value)
+    return dict(value)
 
 
 def _check_value(section: str, field: dataclasses.Field, value: Any):
@@ -221,7 +274,25 @@ def _section(section: str, table: Any):
     unknown = sorted(set(table) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key {section}.{unknown[0]}; [{section}] allows: {', '.join(fields)}")
-    return cls(**{k: _check_value(section, fields[k], v) for k, v in table.items()})
+    return cls(**{k: _check_options(f"{section}.{k}", v) if k == "options" else _check_value(section, fields[k], v)
+                  for k, v in table.items()})
+
+
+def _model_section(table: Any) -> ModelConfig:
+    """[model] with ``kind`` resolved: entry = the kind's shipped entry (kind hnn when neither is
+    given); the shorthand's keys belong to a kind only."""
+    model = _section("model", table)
+    if model.entry and model.kind and model.entry != SHIPPED[model.kind]:
+        raise ConfigError(f"model.entry and model.kind name the model twice ({model.entry!r}, {model.kind!r}); give "
+                          "one of them")
+    if model.entry and not model.kind:
+        given = [k for k in SHORTHAND_KEYS if k in table]
+        if given:
+            raise ConfigError(f"model.{given[0]} belongs to the kind shorthand; with model.entry put it in "
+                              "[model.options]")
+        return model
+    kind = model.kind or "hnn"
+    return dataclasses.replace(model, kind=kind, entry=SHIPPED[kind])
 
 
 def from_dict(raw: dict, default_name: str = "job") -> JobConfig:
@@ -233,20 +304,21 @@ def from_dict(raw: dict, default_name: str = "job") -> JobConfig:
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:
         raise ConfigError(f"unknown section or key {unknown[0]!r}; allowed: name, {', '.join(SECTIONS)}")
-    job = JobConfig(name=name, **{s: _section(s, raw.get(s, {})) for s in SECTIONS})
+    job = JobConfig(name=name, **{s: _model_section(raw.get(s, {})) if s == "model" else _section(s, raw.get(s, {}))
+                                  for s in SECTIONS})
+    if job.model.kind and not job.data.system:
+        job = dataclasses.replace(job, data=dataclasses.replace(job.data, system=SYSTEM[job.model.kind]))
     check_consistent(job)
     return job
 
 
 def check_consistent(job: JobConfig):
-    ode = job.model.kind == "hnn"
-    systems = {"hnn": ("pendulum",), "ndde": ("mackey_glass",), "delayed_gradient": ("delayed_gradient",)}
-    if job.data.system not in systems[job.model.kind]:
-        raise ConfigError(f"data.system {job.data.system!r} does not fit model.kind {job.model.kind!r}; "
-                          f"use {systems[job.model.kind][0]!r}")
-    if not ode and job.solver.sensitivity == "backsolve":
+    kind = job.model.kind
+    if kind and job.data.system not in ("", SYSTEM[kind]):
+        raise ConfigError(f"data.system {job.data.system!r} does not fit model.kind {kind!r}; use {SYSTEM[kind]!r}")
+    if kind in ("ndde", "delayed_gradient") and job.solver.sensitivity == "backsolve":
         raise ConfigError("solver.sensitivity 'backsolve' works for ODEs only; for the DDE model "
-                          f"{job.model.kind!r} use 'interpolating', 'quadrature', 'backprop' or 'forward'")
+                          f"{kind!r} use 'interpolating', 'quadrature', 'backprop' or 'forward'")
     if job.train.batch_size % job.backend.workers:
         raise ConfigError(f"train.batch_size {job.train.batch_size} must be a multiple of backend.workers "
                           f"{job.backend.workers} (each worker takes an equal share)")
@@ -328,7 +400,11 @@ def load(path, overrides=()) -> JobConfig:
         raise ConfigError(f"{path} is not valid TOML: {err}") from None
     except RecursionError:
         raise ConfigError(f"{path} nests arrays or tables too deeply to be a job file") from None
-    return loads_dict(raw, path.stem, overrides)
+    base = path.resolve().parent
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"]:
+        raw = {**raw, "data": {**data, "path": str(base / data["path"])}}  # an absolute path stays as it is
+    return dataclasses.replace(loads_dict(raw, path.stem, overrides), base_dir=str(base))
 
 
 def run_job_file(run_dir) -> pathlib.Path:
@@ -354,7 +430,13 @@ def loads_dict(raw: dict, default_name: str, overrides=()) -> JobConfig:
         section, key, value = parse_override(text)
         if section not in SECTIONS:
             raise ConfigError(f"--set {text!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
-        raw.setdefault(section, {})[key] = value
+        table = raw.setdefault(section, {})
+        *outer, last = key.split(".")  # model.options.NAME=VALUE sets one option
+        for name in outer:
+            table = table.setdefault(name, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {text!r}: {section}.{name} is not a table")
+        table[last] = value
     return from_dict(raw, default_name)
 
 

@@ -4,12 +4,13 @@ tolerance, or a user's file of the same layout.
 Layout (N trajectories, n save times, state size d):
 
 * ``ts`` (n,) strictly increasing, ``ts[0] = 0``
-* ``ys`` (N, n, d) observed states at ``ts``
-* ``x0`` (N, d) initial states
-* ``history`` (N, d) history parameters (DDE systems only: the constant of Mackey–Glass'
-  history, the offset of the delayed gradient system's linear history)
+* ``ys`` (N, n, d) observed states at ``ts``; NaN marks a missing observation (masked out of
+  the loss)
+* ``x0`` (N, d) initial states (a DDE model's default history is the constant x0)
 
-Root attrs: ``format = "ndde-data"``, ``version = 1``, ``system`` and ``system_params``
+These three are all a user's file needs; d, the state size, is the model's. Generated files
+also hold ``history`` (N, d), the generating system's history parameters (read by no model),
+and root attrs ``format = "ndde-data"``, ``version = 1``, ``system`` and ``system_params``
 (JSON of the generating parameters). Rows ``[0, n_train)`` train, the next ``n_test`` are
 held out. Each worker reads only its rows.
 """
@@ -31,7 +32,6 @@ import numpy as np
 import solvers as sv
 
 from .config import JobConfig
-from .models import STATE_DIM
 
 TRUE_PARAMS = {
     "pendulum": {"H": "p^2/2 + 1 - cos q"},
@@ -43,10 +43,6 @@ GEN_RTOL, GEN_ATOL, GEN_MAX_STEPS = 1e-10, 1e-12, 100_000
 
 class DataError(ValueError):
     """A data file that does not have the layout a job needs."""
-
-
-def _needs_history(system):
-    return system != "pendulum"
 
 
 def _initial_conditions(system, n, rng):
@@ -80,6 +76,9 @@ def generate(job: JobConfig, path=None) -> pathlib.Path:
     same process built float64 weights and failed)."""
     d = job.data
     path = pathlib.Path(path or job.data_path)
+    if not d.system:
+        raise DataError("the job generates no data: data.system is empty (set it to one of pendulum, mackey_glass, "
+                        "delayed_gradient to generate data, or give data.path of your own file)")
     n = d.n_train + d.n_test
     rng = np.random.default_rng(d.seed)
     try:
@@ -123,8 +122,7 @@ def generate(job: JobConfig, path=None) -> pathlib.Path:
     return path
 
 
-def _required(system):
-    return ("ts", "ys", "x0") + (("history",) if _needs_history(system) else ())
+REQUIRED = ("ts", "ys", "x0")
 
 
 def validate(path, job: JobConfig) -> dict:
@@ -135,36 +133,43 @@ def validate(path, job: JobConfig) -> dict:
         raise DataError(f"data file {path} does not exist (create it with `ndde data JOB.toml`)")
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise DataError(f"data file {path} is not a regular file (a directory, FIFO or device): give an HDF5 file")
-    d, dim = job.data, STATE_DIM[job.model.kind]
+    d = job.data
     try:
         f = h5py.File(path, "r")
     except OSError as err:
         raise DataError(f"data file {path} is not a readable HDF5 file: {err}") from None
     with f:
-        for name in _required(d.system):
+        for name in REQUIRED:
             if name not in f or not isinstance(f[name], h5py.Dataset):
-                raise DataError(f"data file {path} has no dataset {name!r} (needs {', '.join(_required(d.system))})")
+                raise DataError(f"data file {path} has no dataset {name!r} (needs {', '.join(REQUIRED)})")
             if f[name].dtype.kind not in "fiu":
                 raise DataError(f"data file {path}: dataset {name!r} holds {f[name].dtype} values; it must hold real "
                                 "numbers (float or integer)")
         ts, ys = f["ts"][...], f["ys"]
-        n = ys.shape[0] if ys.ndim == 3 else -1
-        expect = {"ys": (n, ts.shape[0], dim), "x0": (n, dim), "history": (n, dim)}
-        for name in _required(d.system)[1:]:
+        n, dim = (ys.shape[0], ys.shape[2]) if ys.ndim == 3 else (-1, "d")
+        expect = {"ys": (n, ts.shape[0], dim), "x0": (n, dim)}
+        for name in REQUIRED[1:]:
             if f[name].shape != expect[name] or n < 1:
                 raise DataError(f"data file {path}: dataset {name!r} has shape {f[name].shape}, expected "
-                                f"(N, {', '.join(map(str, expect[name][1:]))}) for model {job.model.kind!r}")
+                                f"(N, {', '.join(map(str, expect[name][1:]))}) with N >= 1 (ts has "
+                                f"{ts.shape[0] if ts.ndim == 1 else ts.shape} times)")
         if ts.ndim != 1 or ts.shape[0] < 2 or ts[0] != 0.0 or np.any(np.diff(ts) <= 0):
             raise DataError(f"data file {path}: 'ts' must be 1-D, strictly increasing, starting at 0")
         if n < d.n_train + d.n_test:
             raise DataError(f"data file {path} holds {n} trajectories; the job needs data.n_train + "
                             f"data.n_test = {d.n_train + d.n_test}")
-        for name in _required(d.system):
-            if not np.all(np.isfinite(f[name][...])):
-                raise DataError(f"data file {path}: dataset {name!r} contains NaN or inf")
+        for name in REQUIRED:
+            values = f[name][...]
+            bad = np.isinf(values) if name == "ys" else ~np.isfinite(values)
+            if np.any(bad):
+                raise DataError(f"data file {path}: dataset {name!r} contains "
+                                f"{'inf' if name == 'ys' else 'NaN or inf'} (only ys may hold NaN: a missing "
+                                "observation)")
+        if np.any(np.all(np.isnan(f["ys"][:d.n_train + d.n_test]), axis=(1, 2))):
+            raise DataError(f"data file {path}: dataset 'ys' has a trajectory with no observation (all NaN)")
         if f.attrs.get("format") == "ndde-data":
             _check_generated_for(d, dict(f.attrs), ts, path)
-    return {"n": n, "n_times": ts.shape[0]}
+    return {"n": n, "n_times": ts.shape[0], "dim": dim}
 
 
 def _check_generated_for(d, attrs, ts, path):
@@ -197,12 +202,12 @@ def digest(path) -> str:
 
 
 def read_rows(path, job: JobConfig, lo: int, hi: int, dtype) -> dict:
-    """Rows [lo, hi) as arrays: ts, ys, x0 (and history)."""
+    """Rows [lo, hi) as arrays: ts, ys (0 where missing), mask (True where observed), x0."""
     with h5py.File(path, "r") as f:
-        out = {"ts": f["ts"][...], "ys": f["ys"][lo:hi], "x0": f["x0"][lo:hi]}
-        if _needs_history(job.data.system):
-            out["history"] = f["history"][lo:hi]
-    return {k: np.asarray(v, dtype) for k, v in out.items()}
+        ts, ys, x0 = f["ts"][...], f["ys"][lo:hi], f["x0"][lo:hi]
+    mask = ~np.isnan(ys)
+    return {"ts": np.asarray(ts, dtype), "ys": np.asarray(np.where(mask, ys, 0.0), dtype), "mask": mask,
+            "x0": np.asarray(x0, dtype)}
 
 
 def shard_bounds(n_train: int, shards: int, shard: int) -> tuple[int, int]:
@@ -235,6 +240,9 @@ def ensure(job: JobConfig) -> pathlib.Path:
     """The job's data file, generated first if it is missing; validated."""
     path = job.data_path
     if not path.exists():
+        if not job.data.system:
+            raise DataError(f"data file {path} does not exist, and the job generates no data (data.system is "
+                            "empty): give data.path of your file (relative to the job file)")
         generate(job, path)
     validate(path, job)
     return path

@@ -3,7 +3,6 @@ job's model and loss for one training trajectory, as a table (float64, tight tol
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 import solvers as sv
@@ -19,11 +18,10 @@ def gradcheck(job, sample: int = 0, verbose: bool = False) -> sv.Comparison:
         raise ValueError(f"sample must be in [0, {job.data.n_train}), got {sample}")
     job = job.replace("solver", dtype="float64")
     model = build_model(job)
-    theta = model.init(jax.random.PRNGKey(job.model.seed))
     rows = read_rows(ensure(job), job, sample, sample + 1, model.dtype)
-    ts, ys = jnp.asarray(rows.pop("ts")), jnp.asarray(rows.pop("ys")[0])
-    p = {"theta": theta, "sample": {k: jnp.asarray(v[0]) for k, v in rows.items()}}
+    ts, ys, mask = jnp.asarray(rows["ts"]), jnp.asarray(rows["ys"][0]), jnp.asarray(rows["mask"][0])
+    p = {"theta": model.theta0, "sample": {"x0": jnp.asarray(rows["x0"][0])}}
     s = job.solver
-    return sv.compare_sensitivities(model.problem(ts[-1]), p, lambda y: jnp.mean((y - ys) ** 2), saveat=ts,
+    return sv.compare_sensitivities(model.problem(ts[-1]), p, lambda y: model.loss(y, ys, mask), saveat=ts,
                                     rtol=min(s.rtol, 1e-10), atol=min(s.atol, 1e-12), verbose=verbose,
                                     max_steps=max(s.max_steps, 20_000))

@@ -1,43 +1,28 @@
-"""The trainable models of the shipped jobs, each a neural ODE/DDE whose right-hand side
-contains a derivative of a network:
+"""A job's model, built from its ``[model] entry`` (``kind`` is a shorthand for a shipped
+entry in ``pipeline.zoo``) and its loss (``[loss] entry``, default: masked mean squared
+error), as the solver problem each trajectory is solved with.
 
-* ``hnn``: dx/dt = J ∇H_θ(x), H an MLP (``GradientField``), x = (q, p).
-* ``ndde``: dx/dt = MLP_θ([x(t), x(t - τ)]), τ learned; constant history from the data.
-* ``delayed_gradient``: dx/dt = g(f(x(t)), ∇f(x(t - τ))) with g(u, v) = -v / (1 + u²), f an
-  MLP, τ learned, history φ(t) = x0 + t v with v learned.
-
-A model is ``init(key) -> theta`` plus ``solve(theta, sample, ts) -> Solution`` for one
-trajectory; ``sample`` holds the trajectory's data (``x0``, ``history``).
+The problem's parameter pytree is ``{"theta": theta, "sample": sample}``: theta the float
+array leaves of the model's params (what is trained and checkpointed), sample one
+trajectory's data (``x0``). The model's functions see ``eqx.combine(theta, static)``, the
+params as its init returned them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import solvers as sv
 
-from .config import JobConfig
-
-STATE_DIM = {"hnn": 2, "ndde": 1, "delayed_gradient": 2}
-
-
-def mlp_init(key, sizes, dtype):
-    layers = []
-    for k, (n_in, n_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes[:-1], sizes[1:])):
-        layers.append({"w": (jax.random.normal(k, (n_in, n_out), dtype) / np.sqrt(n_in)).astype(dtype),
-                       "b": jnp.zeros((n_out,), dtype)})
-    return layers
-
-
-def mlp(layers, x):
-    for layer in layers[:-1]:
-        x = jnp.tanh(x @ layer["w"] + layer["b"])
-    return x @ layers[-1]["w"] + layers[-1]["b"]
+from . import entry as entry_mod
+from .config import ConfigError, JobConfig
+from .model import Model
 
 
 def make_solver(name):
@@ -50,12 +35,126 @@ def make_sensitivity(name, checkpoints):
             "quadrature": sv.QuadratureAdjoint}[name]()
 
 
+def masked_mse(pred_ys, obs_ys, mask):
+    """Mean of (pred - obs)² over the observed entries (``mask`` True); the default loss.
+    ``obs_ys`` is 0 where unobserved, so no NaN reaches the gradient.
+
+    Args:
+        pred_ys: (n, d) the model's states at the data's times.
+        obs_ys: (n, d) the observations, 0 where missing.
+        mask: (n, d) True where observed.
+
+    Returns:
+        A scalar.
+    """
+    return jnp.mean(jnp.where(mask, (pred_ys - obs_ys) ** 2, 0.0)) * (mask.size / jnp.sum(mask))
+
+
+def split_params(tree, dtype, entry: str):
+    """(theta, static): the float array leaves of ``tree`` cast to ``dtype`` (None elsewhere),
+    and the rest (None where theta has a leaf); ``eqx.combine(theta, static)`` rebuilds ``tree``.
+
+    Args:
+        tree: what the model's init returned.
+        dtype: the job's float dtype (solver.dtype).
+        entry: the model's entry, named in errors.
+
+    Returns:
+        (theta, static) pytrees of the same structure as ``tree``.
+
+    Raises:
+        ConfigError: a leaf is an array of integers or booleans, a Python number or a string.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        where = f"params{jax.tree_util.keystr(path)}"
+        if eqx.is_array(leaf) or isinstance(leaf, np.ndarray):
+            if not jnp.issubdtype(leaf.dtype, jnp.floating):
+                raise ConfigError(f"{entry}: init(key) returned {where} of dtype {leaf.dtype}; params must be float "
+                                  "arrays (keep integer settings in the model's closure)")
+        elif isinstance(leaf, (bool, int, float, complex, str, bytes)):
+            raise ConfigError(f"{entry}: init(key) returned {where} = {leaf!r} ({type(leaf).__name__}); params "
+                              "must be float arrays: wrap it in jnp.asarray(...)")
+        elif not callable(leaf):
+            raise ConfigError(f"{entry}: init(key) returned {where} of type {type(leaf).__name__}; params must be "
+                              "float arrays")
+    theta, static = eqx.partition(tree, lambda leaf: eqx.is_array(leaf) or isinstance(leaf, np.ndarray))
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), theta), static
+
+
+def check_state(model: Model, params, x0, entry: str) -> None:
+    """Evaluate rhs (and history) once on one trajectory's x0 and refuse a shape other than x0's.
+
+    Args:
+        model: the user's model.
+        params: init's params (static leaves included).
+        x0: one initial state, shape (d,).
+        entry: the model's entry, named in errors.
+
+    Raises:
+        ConfigError: rhs, delays or history return a shape that does not fit the data.
+    """
+    x0 = jnp.asarray(x0)
+    t0 = jnp.zeros((), x0.dtype)
+    try:
+        if model.is_dde:
+            taus = jax.eval_shape(model.delays, params)
+            if len(taus.shape) != 1 or taus.shape[0] < 1:
+                raise ConfigError(f"{entry}: delays(params) returned shape {taus.shape}; it must be a 1-D array of "
+                                  "m >= 1 delays")
+            out = jax.eval_shape(model.rhs, t0, x0, jnp.zeros((taus.shape[0],) + x0.shape, x0.dtype), params)
+            what = "rhs(t, x, lagged, params)"
+            if model.history is not None:
+                hist = jax.eval_shape(model.history, t0, params, x0)
+                if hist.shape != x0.shape:
+                    raise ConfigError(f"{entry}: history(t, params, x0) returned shape {hist.shape}; the data's "
+                                      f"state has shape {x0.shape}")
+        elif isinstance(model.rhs, sv.GradientField):
+            out, what = jax.eval_shape(jax.grad(model.rhs.H), x0, params), "GradientField H's gradient"
+        else:
+            out, what = jax.eval_shape(model.rhs, t0, x0, params), "rhs(t, x, params)"
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 (the user's code failed on the data's state: named in one line)
+        raise ConfigError(f"{entry}: evaluating the model on a state of shape {x0.shape} (the data's) failed: "
+                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+    if out.shape != x0.shape:
+        raise ConfigError(f"{entry}: {what} returned shape {out.shape}; the data's state has shape {x0.shape} "
+                          "(ys is (N, n, d), x0 is (N, d))")
+
+
 @dataclasses.dataclass(frozen=True)
-class Model:
-    kind: str
-    init: Callable          # key -> theta
-    problem: Callable       # (t1) -> problem whose p is {"theta": theta, "sample": sample}
+class BuiltModel:
+    entry: str
+    model: Model
+    static: object      # the params' leaves that are not float arrays (None where theta has one)
+    theta0: object      # the float array leaves of init(PRNGKey(model.seed)), in dtype
     dtype: object
+    loss: Callable      # loss(pred_ys, obs_ys, mask) for one trajectory
+
+    @property
+    def init(self):
+        return lambda key: split_params(self.model.init(key), self.dtype, self.entry)[0]
+
+    def params(self, theta):
+        return eqx.combine(theta, self.static)
+
+    def problem(self, t1):
+        """The solver problem of one trajectory up to ``t1`` (t0 = 0)."""
+        m, params = self.model, lambda p: self.params(p["theta"])
+        if not m.is_dde:
+            if isinstance(m.rhs, sv.GradientField):
+                rhs = sv.GradientField(lambda x, p: m.rhs.H(x, params(p)), jnp.asarray(m.rhs.J, self.dtype),
+                                       None if m.rhs.extra is None else
+                                       (lambda t, x, p: m.rhs.extra(t, x, params(p))), m.rhs.adjoint_vjp)
+            else:
+                rhs = lambda t, x, p: m.rhs(t, x, params(p))
+            return sv.ODEProblem(rhs, x0=lambda p: p["sample"]["x0"], t0=0.0, t1=t1)
+        if m.history is None:
+            history = lambda t, p: p["sample"]["x0"] + 0.0 * t
+        else:
+            history = lambda t, p: m.history(t, params(p), p["sample"]["x0"])
+        return sv.DDEProblem(lambda t, x, lagged, p: m.rhs(t, x, lagged, params(p)), history,
+                             lambda p: m.delays(params(p)), 0.0, t1)
 
     def solve(self, job: JobConfig, theta, sample, ts, sensitivity=None, throw=True):
         s = job.solver
@@ -65,55 +164,63 @@ class Model:
                         max_steps=s.max_steps, history_size=s.history_size or None, throw=throw)
 
     def tau(self, theta):
-        return theta.get("tau")
+        """The first delay (a DDE), or None: the ``tau`` metric."""
+        return self.model.delays(self.params(theta))[0] if self.model.is_dde else None
+
+    def check_state(self, x0) -> None:
+        check_state(self.model, self.params(self.theta0), x0, self.entry)
 
 
-def _hnn(job, dtype):
-    J = sv.canonical_hamiltonian_j(2).astype(dtype)
-    sizes = [2, *job.model.hidden, 1]
-    init = lambda key: {"H": mlp_init(key, sizes, dtype)}
-    H = lambda x, p: jnp.sum(mlp(p["theta"]["H"], x))
-    problem = lambda t1: sv.ODEProblem(sv.GradientField(H, J), x0=lambda p: p["sample"]["x0"], t0=0.0, t1=t1)
-    return init, problem
+def model_options(job: JobConfig) -> dict:
+    """The keyword arguments of the model's entry: ``[model.options]``, and for a ``kind``
+    shorthand its ``hidden`` (and ``tau_init`` for a DDE kind)."""
+    m = job.model
+    shorthand = {} if not m.kind else {"hidden": m.hidden} if m.kind == "hnn" else {"hidden": m.hidden,
+                                                                                     "tau_init": m.tau_init}
+    return {**shorthand, **m.options}
 
 
-def _ndde(job, dtype):
-    sizes = [2, *job.model.hidden, 1]
-
-    def init(key):
-        return {"f": mlp_init(key, sizes, dtype), "tau": jnp.asarray(job.model.tau_init, dtype)}
-
-    rhs = lambda t, x, lag, p: mlp(p["theta"]["f"], jnp.concatenate([x, lag[0]]))
-    history = lambda t, p: p["sample"]["history"] + 0.0 * t
-    delays = lambda p: jnp.reshape(p["theta"]["tau"], (1,))
-    return init, lambda t1: sv.DDEProblem(rhs, history, delays, 0.0, t1)
-
-
-def _delayed_gradient(job, dtype):
-    sizes = [2, *job.model.hidden, 1]
-
-    def init(key):
-        return {"f": mlp_init(key, sizes, dtype), "tau": jnp.asarray(job.model.tau_init, dtype),
-                "v": jnp.zeros((2,), dtype)}
-
-    def rhs(t, x, lag, p):
-        f = lambda z: mlp(p["theta"]["f"], z)[0]
-        u, v = f(x), jax.grad(f)(lag[0])
-        return -v / (1.0 + u**2)
-
-    history = lambda t, p: p["sample"]["history"] + t * p["theta"]["v"]
-    delays = lambda p: jnp.reshape(p["theta"]["tau"], (1,))
-    return init, lambda t1: sv.DDEProblem(rhs, history, delays, 0.0, t1)
+def _returned_model(fn, job) -> Model:
+    with jax.enable_x64(job.solver.dtype == "float64"):
+        model = entry_mod.call(fn, job.model.entry, model_options(job), "model")
+    if not isinstance(model, Model):
+        raise ConfigError(f"model.entry {job.model.entry!r} returned {type(model).__name__}, not a pipeline.Model")
+    if not callable(model.init) or not callable(model.rhs):
+        raise ConfigError(f"model.entry {job.model.entry!r}: the Model's init and rhs must be functions")
+    for name in ("delays", "history"):
+        if getattr(model, name) is not None and not callable(getattr(model, name)):
+            raise ConfigError(f"model.entry {job.model.entry!r}: the Model's {name} must be a function or None")
+    if model.history is not None and model.delays is None:
+        raise ConfigError(f"model.entry {job.model.entry!r}: the Model has a history but no delays (an ODE needs "
+                          "none)")
+    return model
 
 
-def build_model(job: JobConfig) -> Model:
+def build_model(job: JobConfig) -> BuiltModel:
+    """The job's model, imported from ``model.source`` (else the file ``model.entry`` names,
+    beside the job file first).
+
+    Raises:
+        ConfigError: the entry does not import, does not return a ``pipeline.Model``, does not
+            take the options, or its params are not float arrays.
+    """
     if job.solver.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if job.solver.dtype == "float64" else jnp.float32
-    init, problem = {"hnn": _hnn, "ndde": _ndde, "delayed_gradient": _delayed_gradient}[job.model.kind](job, dtype)
-    return Model(job.model.kind, init, problem, dtype)
+    m, files = job.model, entry_mod.sources(job)
+    model = _returned_model(entry_mod.load(m.entry, files["model"]), job)
+    with jax.enable_x64(job.solver.dtype == "float64"):
+        try:
+            tree = model.init(jax.random.PRNGKey(m.seed))
+        except Exception as err:  # noqa: BLE001 (the user's code: any error, named in one line)
+            raise ConfigError(f"model.entry {m.entry!r}: init(key) failed: {type(err).__name__}: "
+                              f"{(str(err).splitlines() or [''])[0]}") from None
+    theta0, static = split_params(tree, dtype, m.entry)
+    loss = masked_mse
+    if job.loss.entry:
+        loss = entry_mod.load(job.loss.entry, files["loss"])
+    return BuiltModel(m.entry, model, static, theta0, dtype, loss)
 
 
 def init_params(job: JobConfig):
-    model = build_model(job)
-    return model.init(jax.random.PRNGKey(job.model.seed))
+    return build_model(job).theta0

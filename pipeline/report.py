@@ -23,12 +23,12 @@ def held_out_prediction(job, params, n_show=3, n_fine=200):
     model = build_model(job)
     lo = job.data.n_train
     rows = read_rows(job.data_path, job, lo, lo + job.data.n_test, model.dtype)
-    ts = jnp.asarray(rows.pop("ts"))
-    ys_true = rows.pop("ys")
+    ts = jnp.asarray(rows["ts"])
+    ys_true = np.where(rows["mask"], rows["ys"], np.nan)
     fine = jnp.linspace(ts[0], ts[-1], n_fine, dtype=model.dtype)
     predict = jax.jit(jax.vmap(lambda s, grid: model.solve(job, params, s, grid).ys, in_axes=(0, None)))
-    samples = {k: jnp.asarray(v) for k, v in rows.items()}
-    mse = float(jnp.mean((predict(samples, ts) - ys_true) ** 2))
+    samples = {"x0": jnp.asarray(rows["x0"])}
+    mse = float(np.nanmean((np.asarray(predict(samples, ts)) - ys_true) ** 2))
     first = {k: v[:n_show] for k, v in samples.items()}
     return np.asarray(ts), ys_true[:n_show], np.asarray(fine), np.asarray(predict(first, fine)), mse
 
@@ -56,7 +56,7 @@ def write_report(run_dir) -> str:
     if step is None:
         raise FileNotFoundError(f"{run_dir} has no checkpoint that verifies; nothing to report")
     model = build_model(job)
-    theta0 = model.init(jax.random.PRNGKey(job.model.seed))
+    theta0 = model.theta0
     restored = manager.restore(step, theta0, make_optimizer(job).init(theta0))
     params = jax.tree_util.tree_map(jnp.asarray, restored.params)
     validate(job.data_path, job)  # a missing or misshapen data file is an error naming it

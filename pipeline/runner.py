@@ -4,6 +4,7 @@ backend, run the Trainer. The CLI and the tests call these two functions."""
 from __future__ import annotations
 
 import pathlib
+import shutil
 import sys
 import warnings
 
@@ -11,7 +12,9 @@ from . import config as config_mod
 from . import early_signals
 from .backends import make_backend
 from .checkpoint import CheckpointManager
-from .data import DataError, ensure, validate
+from .data import DataError, ensure, read_rows, validate
+from .entry import copy_into_run
+from .models import build_model
 from .runlock import only_run_in, training_now
 from .train import Trainer, preempted_while_starting
 
@@ -84,14 +87,15 @@ def _stop_if_signalled(comm, before_step):
         raise preempted_while_starting(name, before_step, comm is None or comm.Get_rank() == 0)
 
 
-def _run(job, run_dir, comm, total_steps, restore, progress, extra_attrs=None):
+def _run(job, run_dir, comm, total_steps, restore, progress, extra_attrs=None, allow_model_change=False):
     job, data_path = _data(job, comm)  # a bad data file is refused before anything is written
     _stop_if_signalled(comm, "its first step")
     fresh = not run_dir.exists() or not any(run_dir.iterdir())
     made = not run_dir.exists()
     with only_run_in(run_dir, comm):
         try:
-            return _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, extra_attrs)
+            return _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, extra_attrs,
+                               allow_model_change)
         except BaseException:
             if fresh and (comm is None or comm.Get_rank() == 0):
                 _remove_unused(run_dir, made)
@@ -105,17 +109,40 @@ def _remove_unused(run_dir: pathlib.Path, made: bool) -> None:
     if not run_dir.is_dir() or (run_dir / "job.toml").exists():
         return
     (run_dir / ".lock").unlink(missing_ok=True)
+    if (run_dir / "model").is_dir():
+        shutil.rmtree(run_dir / "model")
     for path in sorted(run_dir.rglob("*"), reverse=True) + ([run_dir] if made else []):
         if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
             path.rmdir()
 
 
-def _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, extra_attrs):
+def _install_model(job, run_dir, comm, data_path):
+    """The job with its model's (and loss') file copied into RUN_DIR/model/ (by rank 0 under
+    MPI; its refusal reaches every rank), checked against the data: rhs evaluated on x0 once."""
+    refused = None
+    if comm is None or comm.Get_rank() == 0:
+        try:
+            copy_into_run(job, run_dir)
+        except (config_mod.ConfigError, OSError) as err:
+            refused = err
+    if comm is not None:
+        refused = comm.bcast(refused, root=0)
+    if refused is not None:
+        refused.root = comm is None or comm.Get_rank() == 0
+        raise refused
+    job = copy_into_run(job, run_dir, write=False)
+    model = build_model(job)
+    model.check_state(read_rows(data_path, job, 0, 1, model.dtype)["x0"][0])
+    return job
+
+
+def _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, extra_attrs, allow_model_change):
+    job = _install_model(job, run_dir, comm, data_path)
     backend = make_backend(job.backend.kind, job.to_toml(), data_path, job.backend.workers,
                            job.backend.scheduler, log_dir=pathlib.Path(run_dir) / "dask-workers")
     try:
         _stop_if_signalled(comm, "its first step")
-        trainer = Trainer(job, run_dir, backend, data_path, extra_attrs)
+        trainer = Trainer(job, run_dir, backend, data_path, extra_attrs, allow_model_change)
         if not restore and backend.is_root:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "job.toml").write_text(job.to_toml())
@@ -156,7 +183,9 @@ def dry_run(job, run_dir=None, *, backend=None, workers=None, scheduler=None, st
     path = job.data_path
     if path.exists():
         validate(path, job)
-        data = f"data {path} (exists, valid)"
+        model = build_model(job)
+        model.check_state(read_rows(path, job, 0, 1, model.dtype)["x0"][0])
+        data = f"data {path} (exists, valid, fits the model)"
     else:
         data = f"data {path} (missing: would be generated)"
     return (f"ok: would train {job.name} for {job.train.steps} steps on backend {job.backend.kind} "
@@ -175,10 +204,12 @@ def load_run_job(run_dir) -> config_mod.JobConfig:
 
 
 def resume(run_dir, *, steps=None, backend=None, workers=None, scheduler=None, progress=True,
-           extra_attrs=None) -> dict:
+           extra_attrs=None, allow_model_change=False) -> dict:
     """Continue from the newest checkpoint that verifies, up to ``steps`` (default train.steps;
     the optimizer's schedule always follows the job's train.steps, and steps past a schedule whose
-    learning rate has reached 0 are refused)."""
+    learning rate has reached 0 are refused). ``allow_model_change``: resume although the
+    run's model or loss file changed since the checkpoint (refused otherwise)."""
     run_dir = pathlib.Path(run_dir)
     job, comm = resolve(load_run_job(run_dir), backend, workers, scheduler)
-    return _run(job, run_dir, comm, job.train.steps if steps is None else steps, True, progress, extra_attrs)
+    return _run(job, run_dir, comm, job.train.steps if steps is None else steps, True, progress, extra_attrs,
+                allow_model_change)

@@ -36,8 +36,9 @@ class ShardResult(NamedTuple):
 
 
 def sample_loss(model, job, theta, sample, ts, throw=True):
-    sol = model.solve(job, theta, {k: v for k, v in sample.items() if k != "ys"}, ts, throw=throw)
-    return jnp.mean((sol.ys - sample["ys"]) ** 2), sol.stats
+    """The model's loss on one trajectory (``sample``: x0, ys, mask) and the solver's stats."""
+    sol = model.solve(job, theta, {"x0": sample["x0"]}, ts, throw=throw)
+    return model.loss(sol.ys, sample["ys"], sample["mask"]), sol.stats
 
 
 @functools.lru_cache(maxsize=8)
@@ -49,7 +50,7 @@ def _compiled(config_text: str):
     message; it is compiled only when a step comes out non-finite."""
     job = config_mod.from_toml_text(config_text)
     model = build_model(job)
-    _, unravel = ravel_pytree(model.init(jax.random.PRNGKey(job.model.seed)))
+    _, unravel = ravel_pytree(model.theta0)
 
     def shard_loss(flat_theta, batch, ts, throw):
         theta = unravel(flat_theta)

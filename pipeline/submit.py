@@ -18,6 +18,7 @@ import sys
 
 from . import config as config_mod
 from .checkpoint import CheckpointManager
+from .entry import sources
 from .runlock import training_now
 
 TEMPLATE = pathlib.Path(__file__).resolve().parent.parent / "slurm" / "ndde.sbatch.in"
@@ -100,7 +101,10 @@ def apply_flags(job, *, backend=None, steps=None, nodes=None, ntasks_per_node=No
     if job.backend.kind == "dask" and job.slurm.nodes != 1:
         raise config_mod.ConfigError("backend 'dask' runs a LocalCluster inside one allocation: slurm.nodes must "
                                      "be 1 (use backend 'dask-slurm' from a login node for several nodes)")
-    return job.replace("data", path=str(job.data_path.resolve()))
+    job = job.replace("data", path=str(job.data_path.resolve()))
+    for section, path in sources(job).items():  # the batch job finds the entry files wherever it starts
+        job = job.replace(section, source=str(path))
+    return job
 
 
 def check_run_dir_free(job, run_dir) -> pathlib.Path:

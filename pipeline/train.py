@@ -22,6 +22,7 @@ from jax.flatten_util import ravel_pytree
 
 from . import config as config_mod
 from . import early_signals
+from . import entry as entry_mod
 from .backends import StepAbandoned
 from .checkpoint import CheckpointManager, Restored, read_attrs
 from .data import digest
@@ -30,7 +31,7 @@ from .models import build_model
 METRICS = ("loss", "loss_per_shard", "grad_norm", "solver_steps", "rejected", "rhs_evals", "wall_time", "tau",
            "skipped")
 # What a resumed run may not change: the batches and the model would differ.
-LOCKED_SECTIONS = ("model", "data")
+LOCKED_SECTIONS = ("model", "loss", "data")
 LOCKED_KEYS = (("train", "seed"), ("train", "batch_size"), ("backend", "workers"))
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after a signal; the batch script requeues
 
@@ -129,9 +130,10 @@ class _Signals:
             signal.signal(sig, old)
 
 
-def check_resumable(job, attrs: dict, path, data_path, data_sha256) -> None:
+def check_resumable(job, attrs: dict, path, data_path, data_sha256, code: dict, allow_model_change=False) -> None:
     """Refuse (ResumeError, listing every difference) when the job's model, data, batch
-    drawing or the data file's contents differ from the checkpoint at ``path``."""
+    drawing, the data file's contents or (unless ``allow_model_change``) the model's or loss'
+    code (``code``: entry.digests of the job) differ from the checkpoint at ``path``."""
     try:
         old = config_mod.from_toml_text(attrs["config"])
     except config_mod.ConfigError as err:
@@ -141,22 +143,30 @@ def check_resumable(job, attrs: dict, path, data_path, data_sha256) -> None:
               for s, k in LOCKED_KEYS if getattr(getattr(old, s), k) != getattr(getattr(job, s), k)]
     if attrs.get("data_sha256") not in (None, data_sha256):
         diffs.append(f"the contents of {data_path} changed since {pathlib.Path(path).name}")
+    for section in ("model", "loss"):
+        recorded, now = attrs.get(f"{section}_sha256"), code.get(f"{section}_sha256")
+        if recorded is not None and recorded != now and not allow_model_change:
+            diffs.append(f"the {section} code {code.get(f'{section}_file', attrs.get(f'{section}_file'))} changed "
+                         f"since {pathlib.Path(path).name} (sha256 {str(recorded)[:12]}... -> {str(now)[:12]}...; "
+                         "--allow-model-change resumes with the new code)")
     if diffs:
         raise ResumeError(f"refusing to resume from {path}: the job differs from the checkpoint's "
                           "(" + "; ".join(diffs) + "). Start a new run directory with `ndde train` instead.")
 
 
 class Trainer:
-    def __init__(self, job, run_dir, backend, data_path, extra_attrs=None):
+    def __init__(self, job, run_dir, backend, data_path, extra_attrs=None, allow_model_change=False):
         self.job, self.backend = job, backend
         self.run_dir = pathlib.Path(run_dir)
         self.model = build_model(job)
-        self.theta0 = self.model.init(jax.random.PRNGKey(job.model.seed))
+        self.theta0 = self.model.theta0
+        self.allow_model_change = allow_model_change
+        self.code = entry_mod.digests(job)
         self.opt = make_optimizer(job)
         self.manager = CheckpointManager(self.run_dir / "checkpoints", job.checkpoint.keep)
         self.config_text = job.to_toml()
         self.attrs = {"shards": backend.shards, "backend": job.backend.kind,
-                      "data_sha256": digest(data_path), **slurm_attrs(), **(extra_attrs or {})}
+                      "data_sha256": digest(data_path), **self.code, **slurm_attrs(), **(extra_attrs or {})}
         self.data_path = data_path
         _, self.unravel = ravel_pytree(self.theta0)
         self._update = jax.jit(self._update_fn)
@@ -170,7 +180,8 @@ class Trainer:
         if step is None:
             return None
         path = self.manager.path(step)
-        check_resumable(self.job, read_attrs(path), path, self.data_path, self.attrs["data_sha256"])
+        check_resumable(self.job, read_attrs(path), path, self.data_path, self.attrs["data_sha256"], self.code,
+                        self.allow_model_change)
         return self.manager.restore(step, self.theta0, self.opt.init(self.theta0))
 
     def _save(self, step, theta, opt_state, metrics):

@@ -4,6 +4,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -75,3 +76,18 @@ def assert_same_bits(a, b):
     assert pa.keys() == pb.keys()
     for key in pa:
         assert pa[key].dtype == pb[key].dtype and np.array_equal(pa[key], pb[key]), key
+
+
+def start_train(job, run_dir, env=None, *extra):
+    """`ndde train JOB --run-dir RUN_DIR` as a background process (stderr piped)."""
+    return subprocess.Popen([str(BIN / "ndde"), "train", str(job), "--run-dir", str(run_dir), *map(str, extra)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
+
+
+def wait_for(predicate, proc, timeout=300):
+    """Poll predicate() until true; fails when proc ends first or after timeout seconds."""
+    end = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"training ended early: {proc.stderr.read().decode()}"
+        assert time.time() < end, "timed out"
+        time.sleep(0.01)

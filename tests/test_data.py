@@ -18,7 +18,7 @@ def tiny(tmp_path_factory):
 def test_generated_pendulum_conserves_energy(tiny):
     job, path = tiny
     info = data.validate(path, job)
-    assert info == {"n": 10, "n_times": 6}
+    assert info == {"n": 10, "n_times": 6, "dim": 2}
     with h5py.File(path) as f:
         ys, x0 = f["ys"][...], f["x0"][...]
         assert f.attrs["format"] == "ndde-data" and f.attrs["system"] == "pendulum"
@@ -54,7 +54,8 @@ def _broken_copy(tmp_path, path, edit):
     (lambda f: f.__delitem__("x0"), "no dataset 'x0'"),
     (lambda f: (f.__delitem__("x0"), f.__setitem__("x0", np.zeros((10, 3)))), "'x0' has shape (10, 3)"),
     (lambda f: (f.__delitem__("ts"), f.__setitem__("ts", np.linspace(1, 2, 6))), "starting at 0"),
-    (lambda f: f["ys"].__setitem__((0, 1, 0), np.nan), "'ys' contains NaN"),
+    (lambda f: f["ys"].__setitem__((0, 1, 0), np.inf), "'ys' contains inf"),
+    (lambda f: f["x0"].__setitem__((0, 1), np.nan), "'x0' contains NaN"),
 ])
 def test_bad_layout_names_the_dataset(tmp_path, tiny, edit, needle):
     job, path = tiny
@@ -87,8 +88,8 @@ def test_a_generated_file_is_refused_for_another_data_section(tmp_path, tiny):
             data.validate(path, job.replace("data", **{key: value}))
         assert needle in str(info.value)
     foreign = _broken_copy(tmp_path, path, lambda f: None)  # the datasets without ndde's attributes
-    assert data.validate(foreign, job.replace("data", noise=0.1)) == {"n": 10, "n_times": 6}
-    assert data.validate(path, job.replace("data", n_train=4, n_test=1)) == {"n": 10, "n_times": 6}
+    assert data.validate(foreign, job.replace("data", noise=0.1)) == {"n": 10, "n_times": 6, "dim": 2}
+    assert data.validate(path, job.replace("data", n_train=4, n_test=1)) == {"n": 10, "n_times": 6, "dim": 2}
 
 
 def test_ndde_data_keeps_a_file_that_holds_other_data(tmp_path, tiny):
@@ -136,5 +137,5 @@ def test_generation_alongside_another_writer_of_the_same_file(tmp_path):
     legacy_tmp = job.data_path.with_name(job.data_path.name + ".tmp")
     with h5py.File(legacy_tmp, "w"):  # another process mid-write, holding its lock
         path = data.generate(job)
-    assert data.validate(path, job) == {"n": 10, "n_times": 6}
+    assert data.validate(path, job) == {"n": 10, "n_times": 6, "dim": 2}
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(path.name)) == [path.name, legacy_tmp.name]

@@ -14,7 +14,15 @@ import h5py
 import numpy as np
 import pytest
 
-from tests.pipeline_helpers import BIN, ROOT, assert_same_bits, ndde, tiny_job
+from tests.pipeline_helpers import (
+    BIN,
+    ROOT,
+    assert_same_bits,
+    ndde,
+    start_train,
+    tiny_job,
+    wait_for,
+)
 
 STEPS, EVERY = 12, 2
 
@@ -58,25 +66,13 @@ def test_dask_with_a_killed_worker_and_mpi_match_local(shared, tmp_path):
     assert_same_bits(_ckpt(tmp_path / "mpi", STEPS), ref / "step_00000012.h5")
 
 
-def _start(job, run_dir, env=None):
-    return subprocess.Popen([str(BIN / "ndde"), "train", str(job), "--run-dir", str(run_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **(env or {})})
-
-
-def _wait_for(predicate, proc, timeout=300):
-    end = time.time() + timeout
-    while not predicate():
-        assert proc.poll() is None, f"training ended early: {proc.stderr.read().decode()}"
-        assert time.time() < end, "timed out"
-        time.sleep(0.01)
-
 
 @pytest.mark.slow
 def test_sigkill_during_a_step_then_resume_is_bit_identical(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
-    proc = _start(job, run, env={"NDDE_TEST_PAUSE_AT_STEP": "5:60"})  # step 5 computes, then sleeps
-    _wait_for(lambda: _ckpt(run, 4).exists(), proc)
+    proc = start_train(job, run, env={"NDDE_TEST_PAUSE_AT_STEP": "5:60"})  # step 5 computes, then sleeps
+    wait_for(lambda: _ckpt(run, 4).exists(), proc)
     time.sleep(random.uniform(0.0, 0.3))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -91,9 +87,9 @@ def test_sigkill_during_a_step_then_resume_is_bit_identical(shared, tmp_path):
 def test_sigkill_during_a_checkpoint_write_then_resume(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
-    proc = _start(job, run, env={"NDDE_TEST_PAUSE_BEFORE_RENAME": "30"})
+    proc = start_train(job, run, env={"NDDE_TEST_PAUSE_BEFORE_RENAME": "30"})
     tmp_file = run / "checkpoints" / "step_00000002.h5.tmp"
-    _wait_for(tmp_file.exists, proc)
+    wait_for(tmp_file.exists, proc)
     time.sleep(0.5)  # the file is written and fsynced; the process sleeps before the rename
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -347,8 +343,8 @@ def test_dask_with_an_existing_scheduler(shared, tmp_path):
 def test_sigterm_checkpoints_the_current_step_and_exits_75(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
-    proc = _start(job, run)
-    _wait_for(lambda: _ckpt(run, 2).exists(), proc)
+    proc = start_train(job, run)
+    wait_for(lambda: _ckpt(run, 2).exists(), proc)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 75
     assert "SIGTERM received: checkpointed step" in proc.stderr.read().decode()
@@ -370,7 +366,7 @@ def test_ctrl_c_checkpoints_the_current_step_and_exits_130(shared, tmp_path):
     proc = subprocess.Popen([str(BIN / "ndde"), "train", str(job), "--run-dir", str(run), "--backend", "dask"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        _wait_for(lambda: _ckpt(run, 2).exists(), proc)
+        wait_for(lambda: _ckpt(run, 2).exists(), proc)
         os.killpg(proc.pid, signal.SIGINT)
         assert proc.wait(timeout=120) == 130
     finally:
@@ -394,7 +390,7 @@ def test_a_run_directory_trains_in_one_process_at_a_time(shared, tmp_path):
     proc = subprocess.Popen([str(BIN / "ndde"), "train", str(job), "--run-dir", str(run), "--steps", "1000000"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait_for(lambda: _ckpt(run, 2).exists(), proc)
+        wait_for(lambda: _ckpt(run, 2).exists(), proc)
         result = ndde("resume", run, check=False, timeout=120)  # without the lock: trains to step 1000000
         assert result.returncode == 2 and f"{run} is in use: pid {proc.pid} on " in result.stderr, result.stderr
         assert f"training now: pid {proc.pid} on " in ndde("status", run).stdout

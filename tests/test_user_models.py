@@ -1,0 +1,218 @@
+"""A user's own model through ``[model] entry``: the hutchinson example trained by the local,
+Dask and MPI backends to the same bits and resumed after SIGKILL bit-identically, its code
+copied into the run and guarded by its sha256; an ODE model on a user's own file; every
+refusal of an entry, its options and its params; an equinox MLP through a checkpoint."""
+
+import hashlib
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import equinox as eqx
+import h5py
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pipeline import config, runner
+from pipeline.checkpoint import CheckpointManager, leaf_paths
+from pipeline.models import build_model, split_params
+from tests.pipeline_helpers import ROOT, assert_same_bits, ndde, start_train, wait_for
+
+EXAMPLE = ROOT / "examples" / "hutchinson"
+STEPS = 6
+
+
+def _ckpt(run_dir, step):
+    return run_dir / "checkpoints" / f"step_{step:08d}.h5"
+
+
+@pytest.fixture(scope="module")
+def hutch(tmp_path_factory):
+    """The example copied to a directory of its own, its data generated there, and the
+    reference run (local backend, 2 shards) trained from it."""
+    tmp = tmp_path_factory.mktemp("hutchinson")
+    for name in ("hutchinson.py", "hutchinson.toml"):
+        shutil.copy(EXAMPLE / name, tmp / name)
+    subprocess.run([sys.executable, str(EXAMPLE / "make_data.py"), str(tmp / "data.h5")], check=True)
+    ndde("train", tmp / "hutchinson.toml", "--run-dir", tmp / "ref", "--steps", STEPS, "--set", "checkpoint.every=2")
+    return tmp
+
+
+def test_the_example_trains_and_its_code_travels_with_the_run(hutch):
+    ref = hutch / "ref"
+    copy = ref / "model" / "hutchinson.py"
+    assert copy.read_bytes() == (hutch / "hutchinson.py").read_bytes()
+    assert config.load(ref / "job.toml").model.source == str(copy)
+    with h5py.File(_ckpt(ref, STEPS)) as f:
+        assert f.attrs["model_sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
+        assert f.attrs["model_file"] == str(copy)
+        assert sorted(f["params"]) == ["K", "r", "tau"] and f["params/tau"].dtype == np.float64
+        loss, tau = f["metrics/loss"][...], f["metrics/tau"][...]
+    assert loss[-1] < loss[0] and np.all(np.isfinite(tau)) and tau[0] != 0.5
+
+
+@pytest.mark.slow
+def test_the_example_on_dask_and_mpi_matches_local(hutch, tmp_path):
+    job, ref = hutch / "hutchinson.toml", _ckpt(hutch / "ref", STEPS)
+    common = ("--steps", STEPS, "--set", "checkpoint.every=2")
+    ndde("train", job, "--run-dir", tmp_path / "dask", "--backend", "dask", "--workers", 2, *common)
+    assert_same_bits(_ckpt(tmp_path / "dask", STEPS), ref)
+    ndde("train", job, "--run-dir", tmp_path / "mpi", "--backend", "mpi", *common, mpi_ranks=2)
+    assert_same_bits(_ckpt(tmp_path / "mpi", STEPS), ref)
+    assert (tmp_path / "mpi" / "model" / "hutchinson.py").is_file()
+
+
+@pytest.mark.slow
+def test_the_example_resumes_after_sigkill_bit_identically(hutch, tmp_path):
+    run = tmp_path / "run"
+    proc = start_train(hutch / "hutchinson.toml", run, {"NDDE_TEST_PAUSE_AT_STEP": "3:60"}, "--steps", STEPS,
+                       "--set", "checkpoint.every=2")
+    wait_for(lambda: _ckpt(run, 2).exists(), proc)
+    time.sleep(random.uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not _ckpt(run, STEPS).exists()
+    ndde("resume", run)
+    assert_same_bits(_ckpt(run, STEPS), _ckpt(hutch / "ref", STEPS))
+
+
+def test_resume_refuses_changed_model_code_unless_allowed(hutch, tmp_path):
+    run = tmp_path / "run"
+    ndde("train", hutch / "hutchinson.toml", "--run-dir", run, "--steps", 2)
+    copy = run / "model" / "hutchinson.py"
+    copy.write_text(copy.read_text() + "\n# changed\n")
+    refused = ndde("resume", run, "--steps", 3, check=False)
+    assert refused.returncode == 2 and f"the model code {copy} changed" in refused.stderr, refused.stderr
+    assert not _ckpt(run, 3).exists()
+    ndde("resume", run, "--steps", 3, "--allow-model-change")
+    with h5py.File(_ckpt(run, 3)) as f:
+        assert f.attrs["model_sha256"] == hashlib.sha256(copy.read_bytes()).hexdigest()
+
+
+DECAY = """
+import jax.numpy as jnp
+import pipeline
+
+def make_model(rate=0.5):
+    return pipeline.Model(init=lambda key: {"a": jnp.full((2,), -rate)}, rhs=lambda t, x, params: params["a"] * x)
+"""
+
+
+def _users_file(path, d=2, n=6):
+    ts = np.linspace(0.0, 1.0, 5)
+    x0 = np.linspace(0.5, 1.0, n * d).reshape(n, d)
+    with h5py.File(path, "w") as f:
+        f["ts"], f["ys"], f["x0"] = ts, x0[:, None, :] * np.exp(-ts)[None, :, None], x0
+        f["ys"][0, 2, 0] = np.nan  # a missing observation
+    return path
+
+
+def _job(tmp_path, entry="decay:make_model", options="", module=DECAY, extra=""):
+    (tmp_path / "decay.py").write_text(module)
+    if not (tmp_path / "own.h5").exists():
+        _users_file(tmp_path / "own.h5")
+    path = tmp_path / "job.toml"
+    path.write_text(f'name = "own"\n[model]\nentry = "{entry}"\n[model.options]\n{options}\n{extra}'
+                    '[data]\npath = "own.h5"\nn_train = 4\nn_test = 2\n[train]\nbatch_size = 2\nsteps = 2\n'
+                    '[backend]\nworkers = 1\n[checkpoint]\nevery = 1\n')
+    return path
+
+
+def test_an_ode_model_trains_on_a_users_own_file(tmp_path):
+    ndde("train", _job(tmp_path, options="rate = 0.2"), "--run-dir", tmp_path / "run")
+    with h5py.File(_ckpt(tmp_path / "run", 2)) as f:
+        a, loss = f["params/a"][...], f["metrics/loss"][...]
+        assert "own.h5" in f.attrs["config"] and np.all(np.isfinite(loss))
+    assert a.shape == (2,) and not np.array_equal(a, [-0.2, -0.2])
+
+
+def _refusal(job_path) -> str:
+    with pytest.raises(config.ConfigError) as info:
+        runner.dry_run(config.load(job_path), job_path.parent / "run")
+    assert "\n" not in str(info.value)
+    return str(info.value)
+
+
+def test_an_entry_that_does_not_import_names_the_module_and_where_it_looked(tmp_path):
+    msg = _refusal(_job(tmp_path, entry="nosuch:make_model"))
+    assert "module 'nosuch' not found" in msg and str(tmp_path.resolve() / "nosuch.py") in msg and "sys.path" in msg
+    msg = _refusal(_job(tmp_path, module="1 / 0\n"))
+    assert f"importing {tmp_path.resolve() / 'decay.py'} failed: ZeroDivisionError" in msg
+    assert "has no function 'other'" in _refusal(_job(tmp_path, entry="decay:other"))
+    result = ndde("train", _job(tmp_path, entry="nosuch:make_model"), "--run-dir", tmp_path / "r", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "module 'nosuch' not found" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_function_that_returns_no_model_is_refused(tmp_path):
+    msg = _refusal(_job(tmp_path, module="def make_model():\n    return {'init': None}\n"))
+    assert "returned dict, not a pipeline.Model" in msg
+
+
+def test_an_rhs_of_another_shape_than_the_data_is_refused(tmp_path):
+    module = DECAY.replace('params["a"] * x', "jnp.zeros(3)")
+    msg = _refusal(_job(tmp_path, module=module))
+    assert "rhs(t, x, params) returned shape (3,); the data's state has shape (2,)" in msg
+    lagged = DECAY.replace("rhs=lambda t, x, params: params[\"a\"] * x",
+                           "rhs=lambda t, x, lagged, params: lagged, delays=lambda params: jnp.ones(1)")
+    assert "rhs(t, x, lagged, params) returned shape (1, 2)" in _refusal(_job(tmp_path, module=lagged))
+
+
+def test_options_the_function_does_not_take_are_refused(tmp_path):
+    msg = _refusal(_job(tmp_path, options="rate = 0.1\nbogus = 1"))
+    assert "model.options.bogus: decay:make_model does not take it; it takes: rate" in msg
+
+
+@pytest.mark.parametrize("init,needle", [
+    ('{"a": jnp.arange(2)}', "params['a'] of dtype int"),
+    ('{"a": 0.5}', "params['a'] = 0.5 (float)"),
+    ('{"a": "x"}', "params['a'] = 'x' (str)"),
+])
+def test_params_that_are_not_float_arrays_are_refused(tmp_path, init, needle):
+    module = DECAY.replace('{"a": jnp.full((2,), -rate)}', init)
+    assert needle in _refusal(_job(tmp_path, module=module))
+
+
+def test_kind_and_entry_keys_that_contradict_are_refused(tmp_path):
+    with pytest.raises(config.ConfigError, match="model.hidden belongs to the kind shorthand"):
+        config.from_dict({"model": {"entry": "decay:make_model", "hidden": [4]}})
+    with pytest.raises(config.ConfigError, match="name the model twice"):
+        config.from_dict({"model": {"entry": "decay:make_model", "kind": "ndde"}})
+    job = config.load(_job(tmp_path, options="rate = 0.1\nnested = {a = [1, 2.5]}"), ["model.options.rate=0.3"])
+    assert job.model.options == {"rate": 0.3, "nested": {"a": [1, 2.5]}}
+    assert config.from_toml_text(job.to_toml()) == job
+
+
+def test_a_loss_entry_replaces_the_masked_mean_squared_error(tmp_path):
+    (tmp_path / "myloss.py").write_text("import jax.numpy as jnp\n\ndef l1(pred, obs, mask):\n"
+                                        "    return jnp.sum(jnp.where(mask, jnp.abs(pred - obs), 0.0))\n")
+    job = config.load(_job(tmp_path, extra='[loss]\nentry = "myloss:l1"\n'))
+    model = build_model(job.replace("loss", source=str(tmp_path / "myloss.py")))
+    pred, obs = jnp.ones((3, 2)), jnp.zeros((3, 2))
+    mask = jnp.array([[True, True], [False, True], [True, True]])
+    assert float(model.loss(pred, obs, mask)) == 5.0
+    assert float(build_model(job.replace("loss", entry="")).loss(pred, obs, mask)) == pytest.approx(1.0, rel=1e-15)
+
+
+def test_an_equinox_mlp_in_the_params_round_trips_a_checkpoint(tmp_path):
+    tree = {"net": eqx.nn.MLP(2, 1, 4, 1, key=jax.random.PRNGKey(0)), "tau": jnp.asarray(0.5)}
+    theta, static = split_params(tree, jnp.float64, "test")
+    opt = optax.adam(1e-3)
+    manager = CheckpointManager(tmp_path)
+    trained = jax.tree_util.tree_map(lambda a: a + 1.0, theta)
+    manager.save(1, trained, opt.init(trained), np.zeros(2, np.uint64), {}, "x = 1\n")
+    names = [n for n, _ in leaf_paths(trained)]
+    assert "net/layers/0/weight" in names and "net/layers/1/bias" in names and "tau" in names
+    restored = manager.restore(1, theta, opt.init(theta))
+    assert jax.tree_util.tree_structure(restored.params) == jax.tree_util.tree_structure(theta)
+    net = eqx.combine(jax.tree_util.tree_map(jnp.asarray, restored.params), static)["net"]
+    x = jnp.array([0.3, -0.2])
+    assert isinstance(net, eqx.nn.MLP)
+    assert float(net(x)[0]) == float(eqx.combine(trained, static)["net"](x)[0])
+    assert float(net(x)[0]) != float(tree["net"](x)[0])
