@@ -445,9 +445,11 @@ def from_toml_text(text: str) -> JobConfig:
 
 
 def differences(a: JobConfig, b: JobConfig, sections) -> list[str]:
-    """``section.key: old -> new`` for every key of ``sections`` that differs."""
+    """``section.key: old -> new`` for every key of ``sections`` that differs, but ``source``:
+    where an entry's file lies (the original, or a run's copy) is not what it is (its sha256,
+    which checkpoints record)."""
     out = []
     for section in sections:
         old, new = dataclasses.asdict(getattr(a, section)), dataclasses.asdict(getattr(b, section))
-        out += [f"{section}.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k]]
+        out += [f"{section}.{k}: {old[k]!r} -> {new[k]!r}" for k in old if old[k] != new[k] and k != "source"]
     return out

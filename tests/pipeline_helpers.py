@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -91,3 +93,18 @@ def wait_for(predicate, proc, timeout=300):
         assert proc.poll() is None, f"training ended early: {proc.stderr.read().decode()}"
         assert time.time() < end, "timed out"
         time.sleep(0.01)
+
+
+def sigkill_mid_step_then_resume(job, run_dir, step, final, *extra):
+    """Train JOB into RUN_DIR, SIGKILL it while step ``step`` sleeps after computing (the
+    checkpoint of step - 1 written), check that no checkpoint of step ``final`` exists, then
+    `ndde resume` it. Returns the path of the checkpoint of step ``final``."""
+    ckpt = lambda s: pathlib.Path(run_dir) / "checkpoints" / f"step_{s:08d}.h5"
+    proc = start_train(job, run_dir, {"NDDE_TEST_PAUSE_AT_STEP": f"{step}:60"}, *extra)
+    wait_for(lambda: ckpt(step - 1).exists(), proc)
+    time.sleep(random.uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not ckpt(final).exists()
+    ndde("resume", run_dir)
+    return ckpt(final)

@@ -4,7 +4,6 @@ broken checkpoints, changed jobs, NaN and solver failures are handled as documen
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -19,6 +18,7 @@ from tests.pipeline_helpers import (
     ROOT,
     assert_same_bits,
     ndde,
+    sigkill_mid_step_then_resume,
     start_train,
     tiny_job,
     wait_for,
@@ -71,13 +71,7 @@ def test_dask_with_a_killed_worker_and_mpi_match_local(shared, tmp_path):
 def test_sigkill_during_a_step_then_resume_is_bit_identical(shared, tmp_path):
     tmp, job, ref = shared
     run = tmp_path / "run"
-    proc = start_train(job, run, env={"NDDE_TEST_PAUSE_AT_STEP": "5:60"})  # step 5 computes, then sleeps
-    wait_for(lambda: _ckpt(run, 4).exists(), proc)
-    time.sleep(random.uniform(0.0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not _ckpt(run, STEPS).exists()
-    ndde("resume", run)
+    sigkill_mid_step_then_resume(job, run, 5, STEPS)
     assert_same_bits(_ckpt(run, STEPS), ref / "step_00000012.h5")
     with h5py.File(_ckpt(run, STEPS)) as a, h5py.File(ref / "step_00000012.h5") as b:
         np.testing.assert_array_equal(a["metrics/loss"][...], b["metrics/loss"][...])

@@ -4,12 +4,9 @@ copied into the run and guarded by its sha256; an ODE model on a user's own file
 refusal of an entry, its options and its params; an equinox MLP through a checkpoint."""
 
 import hashlib
-import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import equinox as eqx
 import h5py
@@ -22,7 +19,12 @@ import pytest
 from pipeline import config, runner
 from pipeline.checkpoint import CheckpointManager, leaf_paths
 from pipeline.models import build_model, split_params
-from tests.pipeline_helpers import ROOT, assert_same_bits, ndde, start_train, wait_for
+from tests.pipeline_helpers import (
+    ROOT,
+    assert_same_bits,
+    ndde,
+    sigkill_mid_step_then_resume,
+)
 
 EXAMPLE = ROOT / "examples" / "hutchinson"
 STEPS = 6
@@ -70,16 +72,9 @@ def test_the_example_on_dask_and_mpi_matches_local(hutch, tmp_path):
 
 @pytest.mark.slow
 def test_the_example_resumes_after_sigkill_bit_identically(hutch, tmp_path):
-    run = tmp_path / "run"
-    proc = start_train(hutch / "hutchinson.toml", run, {"NDDE_TEST_PAUSE_AT_STEP": "3:60"}, "--steps", STEPS,
-                       "--set", "checkpoint.every=2")
-    wait_for(lambda: _ckpt(run, 2).exists(), proc)
-    time.sleep(random.uniform(0.0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not _ckpt(run, STEPS).exists()
-    ndde("resume", run)
-    assert_same_bits(_ckpt(run, STEPS), _ckpt(hutch / "ref", STEPS))
+    final = sigkill_mid_step_then_resume(hutch / "hutchinson.toml", tmp_path / "run", 3, STEPS, "--steps", STEPS,
+                                         "--set", "checkpoint.every=2")
+    assert_same_bits(final, _ckpt(hutch / "ref", STEPS))
 
 
 def test_resume_refuses_changed_model_code_unless_allowed(hutch, tmp_path):
