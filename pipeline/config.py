@@ -388,6 +388,19 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def load(path, overrides=()) -> JobConfig:
+    """The job in the TOML file ``path``, with ``overrides`` (``section.key=value``) applied.
+
+    Args:
+        path: the job file. A relative ``data.path`` in it is taken relative to the file's
+            directory, which is also where ``[model] entry`` modules are looked up first.
+        overrides: ``--set`` texts; ``model.options.NAME=VALUE`` sets one option.
+
+    Returns:
+        The checked JobConfig (``base_dir``: the file's directory).
+
+    Raises:
+        ConfigError: the file is missing, not UTF-8 TOML, or not a valid job (naming the key).
+    """
     path = pathlib.Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))

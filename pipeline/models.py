@@ -124,6 +124,10 @@ def check_state(model: Model, params, x0, entry: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class BuiltModel:
+    """A job's model ready to train: the user's ``Model``, its params split into what is
+    trained (``theta0``) and what is not (``static``), the dtype and the per-trajectory loss.
+    Invariant: ``eqx.combine(theta, static)`` has the structure ``model.init`` returns."""
+
     entry: str
     model: Model
     static: object      # the params' leaves that are not float arrays (None where theta has one)
@@ -133,6 +137,7 @@ class BuiltModel:
 
     @property
     def init(self):
+        """key -> theta: the trained part of ``model.init(key)``, in the job's dtype."""
         return lambda key: split_params(self.model.init(key), self.dtype, self.entry)[0]
 
     def params(self, theta):
@@ -157,6 +162,19 @@ class BuiltModel:
                              lambda p: m.delays(params(p)), 0.0, t1)
 
     def solve(self, job: JobConfig, theta, sample, ts, sensitivity=None, throw=True):
+        """One trajectory's solution at ``ts`` (``sample``: {"x0"}) with the job's solver settings.
+
+        Args:
+            job: the job (its [solver] section).
+            theta: the trained params.
+            sample: {"x0": (d,)}.
+            ts: (n,) save times, ts[0] = t0 = 0.
+            sensitivity: a solvers sensitivity; None: the job's.
+            throw: raise the solver's error (True) or return NaN (False).
+
+        Returns:
+            The solvers.Solution.
+        """
         s = job.solver
         sens = make_sensitivity(s.sensitivity, s.checkpoints) if sensitivity is None else sensitivity
         return sv.solve(self.problem(ts[-1]), {"theta": theta, "sample": sample}, saveat=ts,

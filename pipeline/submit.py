@@ -18,7 +18,7 @@ import sys
 
 from . import config as config_mod
 from .checkpoint import CheckpointManager
-from .entry import sources
+from .entry import copy_into_run, sources
 from .runlock import training_now
 
 TEMPLATE = pathlib.Path(__file__).resolve().parent.parent / "slurm" / "ndde.sbatch.in"
@@ -158,15 +158,17 @@ def sbatch(script_path) -> str:
 
 
 def submit(job, run_dir, dry_run=False) -> tuple[str, str | None]:
-    """Render the batch script; unless ``dry_run`` (which writes nothing), write RUN_DIR/job.toml
-    and RUN_DIR/job.sbatch and submit. Returns (script, job id or None). Everything is checked
-    before anything is written."""
+    """Render the batch script; unless ``dry_run`` (which writes nothing), write RUN_DIR/job.toml,
+    RUN_DIR/model/ (a fresh run's copy of its entry files) and RUN_DIR/job.sbatch and submit.
+    Returns (script, job id or None). Everything is checked before anything is written."""
     config_mod.check_consistent(job)
     run_dir = check_run_dir_free(job, run_dir)
     script = render_sbatch(job, [run_dir], run_dir / "slurm-%j.out", ndde_bin(), **tools())
     if dry_run:
         return script, None
-    _write_job(job, run_dir)
+    # the queued job imports the run directory's copy of the model; a continued run keeps its own
+    fresh = CheckpointManager(run_dir / "checkpoints").latest_step() is None
+    _write_job(copy_into_run(job, run_dir, write=fresh), run_dir)
     (run_dir / "job.sbatch").write_text(script)
     job_id = sbatch(run_dir / "job.sbatch")
     (run_dir / "slurm_job_id").write_text(job_id + "\n")

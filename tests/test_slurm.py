@@ -3,7 +3,9 @@ requeue, resume; dask-jobqueue workers as Slurm jobs; a failing job does not loo
 
 import fcntl
 import pathlib
+import shutil
 import subprocess
+import sys
 import time
 
 import h5py
@@ -74,6 +76,26 @@ def test_mpi_job_completes_with_the_parameters_of_a_local_mpi_run(slurm, tmp_pat
     with h5py.File(_final(tmp_path / "slurm", 3)) as f:
         assert f.attrs["slurm_job_id"] == int(job_id) and f.attrs["shards"] == 2
     assert "COMPLETED" in ndde("status", tmp_path / "slurm").stdout
+
+
+def test_a_users_model_trains_under_slurm_from_the_run_directorys_copy(slurm, tmp_path):
+    """The hutchinson example submitted with backend mpi: the queued job imports RUN_DIR/model/'s
+    copy (the original is gone before the job runs) and reaches a local run's bits."""
+    example = ROOT / "examples" / "hutchinson"
+    for name in ("hutchinson.py", "hutchinson.toml"):
+        shutil.copy(example / name, tmp_path / name)
+    subprocess.run([sys.executable, str(example / "make_data.py"), str(tmp_path / "data.h5")], check=True)
+    job = tmp_path / "hutchinson.toml"
+    ndde("train", job, "--run-dir", tmp_path / "local", "--steps", "4")
+    job_id = _submit(job, "--run-dir", tmp_path / "slurm", "--backend", "mpi", "--ntasks-per-node", "2",
+                     "--steps", "4")
+    (tmp_path / "hutchinson.py").unlink()
+    wait_done(job_id)
+    log = next((tmp_path / "slurm").glob("slurm-*.out")).read_text()
+    assert "training exited with code 0" in log, log
+    assert_same_bits(_final(tmp_path / "slurm", 4), _final(tmp_path / "local", 4))
+    with h5py.File(_final(tmp_path / "slurm", 4)) as f:
+        assert f.attrs["model_file"] == str(tmp_path / "slurm" / "model" / "hutchinson.py")
 
 
 def test_usr1_checkpoints_requeues_and_resumes_to_the_same_parameters(slurm, tmp_path):
