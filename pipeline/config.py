@@ -37,6 +37,7 @@ def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, pattern=Non
 
 ENTRY_PATTERN = r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?"
 SHORTHAND_KEYS = ("hidden", "tau_init")  # [model] keys of the kind shorthand, passed to its entry
+GENERATOR_KEYS = ("t1", "n_times", "noise", "seed")  # [data] keys of generated data (data.system) only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +186,8 @@ class JobConfig:
         for section in SECTIONS:
             lines.append(f"\n[{section}]")
             for key, value in dataclasses.asdict(getattr(self, section)).items():
-                if section == "model" and key in SHORTHAND_KEYS and not self.model.kind:
+                if (section == "model" and key in SHORTHAND_KEYS and not self.model.kind or
+                        section == "data" and key in GENERATOR_KEYS and not self.data.system):
                     continue
                 lines.append(f"{key} = {_toml_value(value)}")
         return "\n".join(lines) + "\n"
@@ -308,6 +310,10 @@ def from_dict(raw: dict, default_name: str = "job") -> JobConfig:
                                   for s in SECTIONS})
     if job.model.kind and not job.data.system:
         job = dataclasses.replace(job, data=dataclasses.replace(job.data, system=SYSTEM[job.model.kind]))
+    given = [k for k in GENERATOR_KEYS if k in (raw.get("data") or {})]
+    if given and not job.data.system:
+        raise ConfigError(f"data.{given[0]} is for generated data only (with data.system); a file of your own "
+                          "brings its times in ts")
     check_consistent(job)
     return job
 

@@ -97,21 +97,23 @@ def check_state(model: Model, params, x0, entry: str) -> None:
     t0 = jnp.zeros((), x0.dtype)
     try:
         if model.is_dde:
-            taus = jax.eval_shape(model.delays, params)
+            # params closed over: their non-array leaves (an MLP's activation) are no abstract values
+            taus = jax.eval_shape(lambda: model.delays(params))
             if len(taus.shape) != 1 or taus.shape[0] < 1:
                 raise ConfigError(f"{entry}: delays(params) returned shape {taus.shape}; it must be a 1-D array of "
                                   "m >= 1 delays")
-            out = jax.eval_shape(model.rhs, t0, x0, jnp.zeros((taus.shape[0],) + x0.shape, x0.dtype), params)
+            lagged = jnp.zeros((taus.shape[0], *x0.shape), x0.dtype)
+            out = jax.eval_shape(lambda: model.rhs(t0, x0, lagged, params))
             what = "rhs(t, x, lagged, params)"
             if model.history is not None:
-                hist = jax.eval_shape(model.history, t0, params, x0)
+                hist = jax.eval_shape(lambda: model.history(t0, params, x0))
                 if hist.shape != x0.shape:
                     raise ConfigError(f"{entry}: history(t, params, x0) returned shape {hist.shape}; the data's "
                                       f"state has shape {x0.shape}")
         elif isinstance(model.rhs, sv.GradientField):
-            out, what = jax.eval_shape(jax.grad(model.rhs.H), x0, params), "GradientField H's gradient"
+            out, what = jax.eval_shape(lambda: jax.grad(model.rhs.H)(x0, params)), "GradientField H's gradient"
         else:
-            out, what = jax.eval_shape(model.rhs, t0, x0, params), "rhs(t, x, params)"
+            out, what = jax.eval_shape(lambda: model.rhs(t0, x0, params)), "rhs(t, x, params)"
     except ConfigError:
         raise
     except Exception as err:  # noqa: BLE001 (the user's code failed on the data's state: named in one line)

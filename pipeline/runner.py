@@ -131,9 +131,15 @@ def _install_model(job, run_dir, comm, data_path):
         refused.root = comm is None or comm.Get_rank() == 0
         raise refused
     job = copy_into_run(job, run_dir, write=False)
+    _check_model_fits(job, data_path)
+    return job
+
+
+def _check_model_fits(job, data_path) -> None:
+    """ConfigError unless the job's model builds and its rhs, evaluated once on the first
+    trajectory's x0, returns the data's state shape."""
     model = build_model(job)
     model.check_state(read_rows(data_path, job, 0, 1, model.dtype)["x0"][0])
-    return job
 
 
 def _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, extra_attrs, allow_model_change):
@@ -183,8 +189,7 @@ def dry_run(job, run_dir=None, *, backend=None, workers=None, scheduler=None, st
     path = job.data_path
     if path.exists():
         validate(path, job)
-        model = build_model(job)
-        model.check_state(read_rows(path, job, 0, 1, model.dtype)["x0"][0])
+        _check_model_fits(job, path)
         data = f"data {path} (exists, valid, fits the model)"
     else:
         data = f"data {path} (missing: would be generated)"

@@ -127,6 +127,39 @@ def test_an_ode_model_trains_on_a_users_own_file(tmp_path):
     assert a.shape == (2,) and not np.array_equal(a, [-0.2, -0.2])
 
 
+GRAD_MLP = """
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pipeline
+
+def make_model(width=8):
+    def rhs(t, x, lagged, params):
+        potential = lambda z: params["net"](z)[0]
+        return -jax.grad(potential)(lagged[0]) - params["damping"] * x
+
+    return pipeline.Model(
+        init=lambda key: {"net": eqx.nn.MLP(2, 1, width, 1, activation=jnp.tanh, key=key),
+                          "damping": jnp.asarray(0.1), "tau": jnp.asarray(0.3)},
+        rhs=rhs, delays=lambda params: jnp.stack([params["tau"]]))
+"""
+
+
+def test_a_dde_whose_rhs_differentiates_an_equinox_mlp_trains_and_resumes(tmp_path):
+    """params with an eqx.nn.MLP (its activation a static leaf) through training, checkpoints
+    and resume: the resumed run reaches the bits of one that never stopped."""
+    job = _job(tmp_path, module=GRAD_MLP)
+    ndde("train", job, "--run-dir", tmp_path / "whole", "--steps", 3)
+    stopped = ndde("train", job, "--run-dir", tmp_path / "split", "--steps", 3, "--set", "checkpoint.every=2",
+                   env={"NDDE_TEST_NAN_AT_STEP": "3"}, check=False)  # step 3 fails, step 2 is checkpointed
+    assert stopped.returncode == 3 and _ckpt(tmp_path / "split", 2).exists() and not _ckpt(tmp_path / "split", 3).exists()
+    ndde("resume", tmp_path / "split")
+    assert_same_bits(_ckpt(tmp_path / "split", 3), _ckpt(tmp_path / "whole", 3))
+    with h5py.File(_ckpt(tmp_path / "whole", 3)) as f:
+        assert sorted(f["params"]) == ["damping", "net", "tau"]
+        assert f["params/net/layers/0/weight"].shape == (8, 2) and f["metrics/tau"][-1] != 0.3
+
+
 def _refusal(job_path) -> str:
     with pytest.raises(config.ConfigError) as info:
         runner.dry_run(config.load(job_path), job_path.parent / "run")
@@ -177,6 +210,8 @@ def test_params_that_are_not_float_arrays_are_refused(tmp_path, init, needle):
 def test_kind_and_entry_keys_that_contradict_are_refused(tmp_path):
     with pytest.raises(config.ConfigError, match="model.hidden belongs to the kind shorthand"):
         config.from_dict({"model": {"entry": "decay:make_model", "hidden": [4]}})
+    with pytest.raises(config.ConfigError, match="data.t1 is for generated data only"):
+        config.from_dict({"model": {"entry": "decay:make_model"}, "data": {"path": "own.h5", "t1": 2.0}})
     with pytest.raises(config.ConfigError, match="name the model twice"):
         config.from_dict({"model": {"entry": "decay:make_model", "kind": "ndde"}})
     job = config.load(_job(tmp_path, options="rate = 0.1\nnested = {a = [1, 2.5]}"), ["model.options.rate=0.3"])
