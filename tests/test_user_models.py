@@ -18,7 +18,8 @@ import pytest
 
 from pipeline import config, runner
 from pipeline.checkpoint import CheckpointManager, leaf_paths
-from pipeline.models import build_model, split_params
+from pipeline.data import read_rows
+from pipeline.models import build_model, masked_mse, split_params
 from tests.pipeline_helpers import (
     ROOT,
     assert_same_bits,
@@ -228,6 +229,19 @@ def test_a_loss_entry_replaces_the_masked_mean_squared_error(tmp_path):
     mask = jnp.array([[True, True], [False, True], [True, True]])
     assert float(model.loss(pred, obs, mask)) == 5.0
     assert float(build_model(job.replace("loss", entry="")).loss(pred, obs, mask)) == pytest.approx(1.0, rel=1e-15)
+
+
+def test_a_missing_observation_is_masked_out_of_the_loss_and_its_gradient(tmp_path):
+    """NaN in ys reads as mask False and obs 0; whatever value sits there changes nothing."""
+    job = config.load(_job(tmp_path))
+    rows = read_rows(tmp_path / "own.h5", job, 0, 1, np.float64)
+    assert not rows["mask"][0, 2, 0] and rows["ys"][0, 2, 0] == 0.0 and rows["mask"].sum() == rows["mask"].size - 1
+    pred, obs, mask = jnp.asarray(rows["ys"][0]) + 0.1, jnp.asarray(rows["ys"][0]), jnp.asarray(rows["mask"][0])
+    value_and_grad = jax.value_and_grad(masked_mse)
+    loss, grad = value_and_grad(pred, obs, mask)
+    loss_other, grad_other = value_and_grad(pred, obs.at[2, 0].set(1e6), mask)
+    assert float(loss) == float(loss_other) == pytest.approx(0.01, rel=1e-12)
+    assert np.array_equal(grad, grad_other) and float(grad[2, 0]) == 0.0
 
 
 def test_an_equinox_mlp_in_the_params_round_trips_a_checkpoint(tmp_path):
