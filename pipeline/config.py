@@ -35,7 +35,8 @@ def _spec(default, *, choices=None, lo=None, hi=None, lo_open=False, pattern=Non
                                                         "doc": doc, "hint": hint})
 
 
-ENTRY_PATTERN = r"([A-Za-z_][\w.]*:[A-Za-z_]\w*)?"
+ENTRY = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"  # "module:function"
+ENTRY_PATTERN = f"({ENTRY})?"
 SHORTHAND_KEYS = ("hidden", "tau_init")  # [model] keys of the kind shorthand, passed to its entry
 GENERATOR_KEYS = ("t1", "n_times", "noise", "seed")  # [data] keys of generated data (data.system) only
 

@@ -17,14 +17,12 @@ import re
 import shutil
 import sys
 
-from .config import ConfigError
-
-ENTRY_PATTERN = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
+from .config import ENTRY, ConfigError
 
 
 def split(entry: str) -> tuple[str, str]:
     """("module", "function") of ``entry``; ConfigError unless it is ``module:function``."""
-    if not re.fullmatch(ENTRY_PATTERN, entry):
+    if not re.fullmatch(ENTRY, entry):
         raise ConfigError(f"entry {entry!r} must be \"module:function\" (e.g. \"hutchinson:make_model\")")
     module, function = entry.split(":")
     return module, function
@@ -82,6 +80,8 @@ def load(entry: str, source) -> object:
     """
     module_name, function = split(entry)
     source = pathlib.Path(source)
+    if not source.is_file():
+        raise ConfigError(f"entry {entry!r}: its module's file {source} does not exist")
     key = "_ndde_entry_" + re.sub(r"\W", "_", module_name) + "_" + digest(source)[:16]
     module = sys.modules.get(key)
     if module is None:
@@ -122,7 +122,11 @@ def call(fn, entry: str, options: dict, section: str):
             sig.bind(**options)
         except TypeError as err:
             raise ConfigError(f"[{section}.options] do not fit {entry}{sig}: {err}") from None
-    return fn(**options)
+    try:
+        return fn(**options)
+    except Exception as err:  # noqa: BLE001 (the user's code: any error, named in one line)
+        raise ConfigError(f"{section}.entry {entry!r} failed with the job's options: {type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0]}") from None
 
 
 def sources(job) -> dict:

@@ -182,6 +182,8 @@ def test_an_entry_that_does_not_import_names_the_module_and_where_it_looked(tmp_
 def test_a_function_that_returns_no_model_is_refused(tmp_path):
     msg = _refusal(_job(tmp_path, module="def make_model():\n    return {'init': None}\n"))
     assert "returned dict, not a pipeline.Model" in msg
+    msg = _refusal(_job(tmp_path, module="def make_model():\n    raise ValueError('no such r0')\n"))
+    assert "model.entry 'decay:make_model' failed with the job's options: ValueError: no such r0" in msg
 
 
 def test_an_rhs_of_another_shape_than_the_data_is_refused(tmp_path):
