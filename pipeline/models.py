@@ -47,7 +47,7 @@ def masked_mse(pred_ys, obs_ys, mask):
     Returns:
         A scalar.
     """
-    return jnp.mean(jnp.where(mask, (pred_ys - obs_ys) ** 2, 0.0)) * (mask.size / jnp.sum(mask))
+    return jnp.sum(jnp.where(mask, (pred_ys - obs_ys) ** 2, 0.0)) / jnp.sum(mask)
 
 
 def split_params(tree, dtype, entry: str):
