@@ -129,6 +129,18 @@ def call(fn, entry: str, options: dict, section: str):
                           f"{(str(err).splitlines() or [''])[0]}") from None
 
 
+def in_run(job, run_dir):
+    """The job (as a run directory's job.toml gives it) with each entry's ``source`` naming the
+    run's own copy RUN_DIR/model/<name> where that exists, wherever the job.toml says the file
+    was (the run directory may have moved, the original may have been edited since)."""
+    target = pathlib.Path(run_dir).resolve() / "model"
+    for section in ("model", "loss"):
+        cfg = getattr(job, section)
+        if cfg.entry and cfg.source and (target / pathlib.Path(cfg.source).name).is_file():
+            job = job.replace(section, source=str(target / pathlib.Path(cfg.source).name))
+    return job
+
+
 def sources(job) -> dict:
     """{"model": file, "loss": file} of the job's entries (loss only when it has one): the
     ``source`` a run recorded, else the file ``locate`` finds."""
@@ -149,9 +161,11 @@ def digests(job) -> dict:
 
 
 def copy_into_run(job, run_dir, write=True):
-    """The job with its entry files copied to RUN_DIR/model/ and ``source`` naming the copies
-    (a file already there stays as it is, so a resumed run keeps its own copy). ``write``
-    False names the copies only (the MPI ranks whose root copies).
+    """The job with its entry files copied to RUN_DIR/model/ and ``source`` naming the copies.
+    A file already there is never overwritten (whatever ``source`` names now), so a resumed or
+    requeued run keeps its own copy. ``write`` False names the copies only (the MPI ranks whose
+    root copies). Only the entry's one file is copied (and hashed): sibling modules it imports
+    are not, so an entry must be one self-contained file.
 
     Raises:
         ConfigError: an entry's module is not found; FileExistsError: two entries' files share a name.
@@ -164,8 +178,9 @@ def copy_into_run(job, run_dir, write=True):
             if copied.get(dest, path.resolve()) != path.resolve():
                 raise FileExistsError(f"the model and loss entries' files {copied[dest]} and {path} share a name; "
                                       "rename one of them")
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest)
+            if not dest.exists():  # never overwrite: a run's copy is the code its checkpoints record
+                target.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, dest)
             copied[dest] = path.resolve()
         job = job.replace(section, source=str(dest))
     return job

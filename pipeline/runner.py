@@ -13,7 +13,7 @@ from . import early_signals
 from .backends import make_backend
 from .checkpoint import CheckpointManager
 from .data import DataError, ensure, read_rows, validate
-from .entry import copy_into_run
+from .entry import copy_into_run, in_run
 from .models import build_model
 from .runlock import only_run_in, training_now
 from .train import Trainer, preempted_while_starting
@@ -205,7 +205,9 @@ def start(job, run_dir=None, *, backend=None, workers=None, scheduler=None, step
 
 
 def load_run_job(run_dir) -> config_mod.JobConfig:
-    return config_mod.load(config_mod.run_job_file(run_dir))
+    """RUN_DIR/job.toml, its entries' ``source`` the run's own copies (RUN_DIR/model/)."""
+    path = config_mod.run_job_file(run_dir)
+    return in_run(config_mod.load(path), path.parent)
 
 
 def resume(run_dir, *, steps=None, backend=None, workers=None, scheduler=None, progress=True,

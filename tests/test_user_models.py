@@ -262,3 +262,19 @@ def test_an_equinox_mlp_in_the_params_round_trips_a_checkpoint(tmp_path):
     assert isinstance(net, eqx.nn.MLP)
     assert float(net(x)[0]) == float(eqx.combine(trained, static)["net"](x)[0])
     assert float(net(x)[0]) != float(tree["net"](x)[0])
+
+
+def test_a_runs_copy_of_the_model_is_never_overwritten_and_is_what_a_moved_run_resumes_with(tmp_path):
+    from pipeline.entry import copy_into_run
+    ndde("train", _job(tmp_path), "--run-dir", tmp_path / "run", "--steps", 1)
+    copy = tmp_path / "run" / "model" / "decay.py"
+    kept = copy.read_bytes()
+    (tmp_path / "decay.py").write_text(DECAY.replace("-rate", "-2 * rate"))  # the original edited since
+    copy_into_run(config.load(_job(tmp_path, module=(tmp_path / "decay.py").read_text())), tmp_path / "run")
+    assert copy.read_bytes() == kept
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    job = runner.load_run_job(tmp_path / "moved")
+    assert job.model.source == str((tmp_path / "moved" / "model" / "decay.py").resolve())
+    ndde("resume", tmp_path / "moved", "--steps", 2)
+    with h5py.File(_ckpt(tmp_path / "moved", 2)) as f:
+        assert f.attrs["model_sha256"] == hashlib.sha256(kept).hexdigest()
