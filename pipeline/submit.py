@@ -226,13 +226,14 @@ def plan_sweep(job_path, grid, sweep_dir, base_overrides=(), flags=None):
 
 def sweep(job_path, grid, sweep_dir, base_overrides=(), flags=None, dry_run=False):
     """Plan the sweep (``plan_sweep``); unless ``dry_run`` (which writes nothing), write its run
-    directories, ``sweep.sbatch`` and ``points.txt`` and submit. Returns (script, job id or None)."""
+    directories (each with its job.toml and its copy of the entry files, RUN_DIR/model/), ``sweep.sbatch`` and ``points.txt`` and submit. Returns (script, job id or None)."""
     jobs, run_dirs, script = plan_sweep(job_path, grid, sweep_dir, base_overrides, flags)
     if dry_run:
         return script, None
     sweep_dir = pathlib.Path(sweep_dir).resolve()
-    for job, run_dir in zip(jobs, run_dirs):
-        _write_job(job, run_dir)
+    for job, run_dir in zip(jobs, run_dirs):  # each point trains the model as it was at submission
+        fresh = CheckpointManager(run_dir / "checkpoints").latest_step() is None
+        _write_job(copy_into_run(job, run_dir, write=fresh), run_dir)
     (sweep_dir / "sweep.sbatch").write_text(script)
     (sweep_dir / "points.txt").write_text("".join(f"{d.name} {' '.join(p)}\n" for d, p in
                                                  zip(run_dirs, grid_points(grid))))

@@ -278,3 +278,14 @@ def test_a_runs_copy_of_the_model_is_never_overwritten_and_is_what_a_moved_run_r
     ndde("resume", tmp_path / "moved", "--steps", 2)
     with h5py.File(_ckpt(tmp_path / "moved", 2)) as f:
         assert f.attrs["model_sha256"] == hashlib.sha256(kept).hexdigest()
+
+
+def test_each_sweep_point_gets_its_own_copy_of_the_model(tmp_path, monkeypatch):
+    from pipeline import submit
+    monkeypatch.setattr(submit, "sbatch", lambda path: "4242")
+    job = _job(tmp_path)
+    submit.sweep(job, ["optimizer.learning_rate=1e-3,3e-3"], tmp_path / "sw", flags={"backend": "mpi"})
+    for point in ("point-000", "point-001"):
+        copy = tmp_path / "sw" / point / "model" / "decay.py"
+        assert copy.read_text() == DECAY
+        assert config.load(tmp_path / "sw" / point / "job.toml").model.source == str(copy.resolve())
