@@ -70,19 +70,25 @@ def digest(path) -> str:
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-def load(entry: str, source) -> object:
+def load(entry: str, source, sha256: str | None = None) -> object:
     """The function of ``entry``, importing its module from the file ``source``. The module
     object is registered in sys.modules under a name of its own (module name and sha256), so
-    two runs' versions of one module never mix.
+    two runs' versions of one module never mix. ``sha256``: the digest the file must have (a
+    worker is handed the root's, so it never runs other code than the root records).
 
     Raises:
-        ConfigError: the file does not import (its error in one line) or lacks the function.
+        ConfigError: the file does not import (its error in one line), lacks the function, or
+            its sha256 is not ``sha256``.
     """
     module_name, function = split(entry)
     source = pathlib.Path(source)
     if not source.is_file():
         raise ConfigError(f"entry {entry!r}: its module's file {source} does not exist")
-    key = "_ndde_entry_" + re.sub(r"\W", "_", module_name) + "_" + digest(source)[:16]
+    found = digest(source)
+    if sha256 and found != sha256:
+        raise ConfigError(f"entry {entry!r}: {source} has sha256 {found[:12]}... but this run's root process "
+                          f"loaded {sha256[:12]}...: the file changed while the run started; restart it")
+    key = "_ndde_entry_" + re.sub(r"\W", "_", module_name) + "_" + found[:16]
     module = sys.modules.get(key)
     if module is None:
         spec = importlib.util.spec_from_file_location(key, source)
@@ -158,6 +164,12 @@ def digests(job) -> dict:
     for section, path in sources(job).items():
         out[f"{section}_file"], out[f"{section}_sha256"] = str(path), digest(path)
     return out
+
+
+def expected(job) -> tuple:
+    """((section, sha256), ...) of the job's entry files: what the root hands its workers, who
+    refuse a file of another digest and key their compiled steps on it."""
+    return tuple(sorted((section, digest(path)) for section, path in sources(job).items()))
 
 
 def copy_into_run(job, run_dir, write=True):

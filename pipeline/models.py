@@ -216,9 +216,9 @@ def _returned_model(fn, job) -> Model:
     return model
 
 
-def build_model(job: JobConfig) -> BuiltModel:
+def build_model(job: JobConfig, expect: dict | None = None) -> BuiltModel:
     """The job's model, imported from ``model.source`` (else the file ``model.entry`` names,
-    beside the job file first).
+    beside the job file first). ``expect``: {section: sha256} the entry files must have.
 
     Raises:
         ConfigError: the entry does not import, does not return a ``pipeline.Model``, does not
@@ -228,7 +228,8 @@ def build_model(job: JobConfig) -> BuiltModel:
         jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if job.solver.dtype == "float64" else jnp.float32
     m, files = job.model, entry_mod.sources(job)
-    model = _returned_model(entry_mod.load(m.entry, files["model"]), job)
+    expect = expect or {}
+    model = _returned_model(entry_mod.load(m.entry, files["model"], expect.get("model")), job)
     with jax.enable_x64(job.solver.dtype == "float64"):
         try:
             tree = model.init(jax.random.PRNGKey(m.seed))
@@ -238,7 +239,7 @@ def build_model(job: JobConfig) -> BuiltModel:
     theta0, static = split_params(tree, dtype, m.entry)
     loss = masked_mse
     if job.loss.entry:
-        loss = entry_mod.load(job.loss.entry, files["loss"])
+        loss = entry_mod.load(job.loss.entry, files["loss"], expect.get("loss"))
     return BuiltModel(m.entry, model, static, theta0, dtype, loss)
 
 

@@ -14,6 +14,7 @@ from .backends import make_backend
 from .checkpoint import CheckpointManager
 from .data import DataError, ensure, read_rows, validate
 from .entry import copy_into_run, in_run
+from .entry import expected as entry_expected
 from .models import build_model
 from .runlock import only_run_in, training_now
 from .train import Trainer, preempted_while_starting
@@ -145,7 +146,8 @@ def _check_model_fits(job, data_path) -> None:
 def _run_locked(job, data_path, run_dir, comm, total_steps, restore, progress, extra_attrs, allow_model_change):
     job = _install_model(job, run_dir, comm, data_path)
     backend = make_backend(job.backend.kind, job.to_toml(), data_path, job.backend.workers,
-                           job.backend.scheduler, log_dir=pathlib.Path(run_dir) / "dask-workers")
+                           job.backend.scheduler, log_dir=pathlib.Path(run_dir) / "dask-workers",
+                           expect=entry_expected(job))
     try:
         _stop_if_signalled(comm, "its first step")
         trainer = Trainer(job, run_dir, backend, data_path, extra_attrs, allow_model_change)

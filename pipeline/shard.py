@@ -21,6 +21,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from . import config as config_mod
+from . import entry as entry_mod
 from .data import read_rows, shard_bounds
 from .models import build_model
 
@@ -42,14 +43,15 @@ def sample_loss(model, job, theta, sample, ts, throw=True):
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(config_text: str):
+def _compiled(config_text: str, expect: tuple):
     """(job, model, fast, checked): the shard's jitted value_and_grad twice. ``fast`` solves
     with throw=False: a solver failure gives NaN, and the program holds no host callback, so
     JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR) can keep it for the next
     process of the job (a resume, a requeue, another worker). ``checked`` raises the solver's
-    message; it is compiled only when a step comes out non-finite."""
+    message; it is compiled only when a step comes out non-finite. ``expect``: entry.expected of
+    the job as the root computed it (the key holds the code's digest, not only its path)."""
     job = config_mod.from_toml_text(config_text)
-    model = build_model(job)
+    model = build_model(job, dict(expect))
     _, unravel = ravel_pytree(model.theta0)
 
     def shard_loss(flat_theta, batch, ts, throw):
@@ -62,11 +64,11 @@ def _compiled(config_text: str):
 
 
 class ShardWorker:
-    def __init__(self, config_text: str, data_path: str, shard: int, shards: int):
+    def __init__(self, config_text: str, data_path: str, shard: int, shards: int, expect: tuple = ()):
         # A solver failure inside the step is caught and reported by compute(); JAX's own
         # traceback log of the failing callback would only repeat it.
         logging.getLogger("jax._src.callback").setLevel(logging.CRITICAL)
-        self.job, self.model, self.fast, self.checked = _compiled(config_text)
+        self.job, self.model, self.fast, self.checked = _compiled(config_text, expect or _expected(config_text))
         self.shard, self.shards = shard, shards
         lo, hi = shard_bounds(self.job.data.n_train, shards, shard)
         self.size = hi - lo
@@ -119,9 +121,15 @@ def _job_keys(message: str) -> str:
 _WORKERS: dict = {}
 
 
-def worker_for(config_text: str, data_path: str, shard: int, shards: int) -> ShardWorker:
-    """A process-wide cache: a Dask worker builds (and compiles) each shard once."""
-    key = (config_text, data_path, shard, shards)
+def _expected(config_text: str) -> tuple:
+    return entry_mod.expected(config_mod.from_toml_text(config_text))
+
+
+def worker_for(config_text: str, data_path: str, shard: int, shards: int, expect: tuple = ()) -> ShardWorker:
+    """A process-wide cache: a Dask worker builds (and compiles) each shard once per version of
+    the code. ``expect``: the root's entry.expected (default: this process's own digests)."""
+    expect = expect or _expected(config_text)
+    key = (config_text, expect, data_path, shard, shards)
     if key not in _WORKERS:
-        _WORKERS[key] = ShardWorker(config_text, data_path, shard, shards)
+        _WORKERS[key] = ShardWorker(config_text, data_path, shard, shards, expect)
     return _WORKERS[key]

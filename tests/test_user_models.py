@@ -289,3 +289,19 @@ def test_each_sweep_point_gets_its_own_copy_of_the_model(tmp_path, monkeypatch):
         copy = tmp_path / "sw" / point / "model" / "decay.py"
         assert copy.read_text() == DECAY
         assert config.load(tmp_path / "sw" / point / "job.toml").model.source == str(copy.resolve())
+
+
+def test_shard_caches_follow_the_codes_digest_and_a_file_of_another_digest_is_refused(tmp_path):
+    from pipeline import entry, shard
+    job = config.load(_job(tmp_path)).replace("model", source=str(tmp_path / "decay.py"))
+    job = job.replace("data", path=str(job.data_path.resolve()))
+    text, data = job.to_toml(), str(job.data_path)
+    before = entry.expected(job)
+    first = shard.worker_for(text, data, 0, 1)
+    (tmp_path / "decay.py").write_text(DECAY.replace("-rate", "-2 * rate"))  # same path, other code
+    second = shard.worker_for(text, data, 0, 1)
+    assert second is not first and entry.expected(job) != before
+    assert float(second.model.theta0["a"][0]) == 2 * float(first.model.theta0["a"][0])
+    assert shard.worker_for(text, data, 0, 1, before) is first
+    with pytest.raises(config.ConfigError, match="but this run's root process loaded"):
+        build_model(job, dict(before))

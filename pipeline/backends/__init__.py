@@ -61,15 +61,18 @@ def reduce_in_order(results) -> Reduced:
                    [r.error for r in results if r.error])
 
 
-def make_backend(kind: str, config_text: str, data_path: str, workers: int, scheduler: str = "", log_dir=None):
-    """log_dir: where dask-slurm worker jobs write their Slurm output (default: the cwd)."""
+def make_backend(kind: str, config_text: str, data_path: str, workers: int, scheduler: str = "", log_dir=None,
+                 expect: tuple = ()):
+    """log_dir: where dask-slurm worker jobs write their Slurm output (default: the cwd);
+    expect: entry.expected of the job (every shard refuses entry files of other digests)."""
     if kind == "local":
         from .local import LocalBackend
-        return LocalBackend(config_text, data_path, workers)
+        return LocalBackend(config_text, data_path, workers, expect)
     if kind in ("dask", "dask-slurm"):
         from .dask_backend import DaskBackend
-        return DaskBackend(config_text, data_path, workers, scheduler, on_slurm=kind == "dask-slurm", log_dir=log_dir)
+        return DaskBackend(config_text, data_path, workers, scheduler, on_slurm=kind == "dask-slurm", log_dir=log_dir,
+                           expect=expect)
     if kind == "mpi":
         from .mpi_backend import MpiBackend
-        return MpiBackend(config_text, data_path)
+        return MpiBackend(config_text, data_path, expect)
     raise ValueError(f"unknown backend {kind!r}; use local, dask, dask-slurm or mpi")

@@ -66,7 +66,7 @@ def _pin_once(index, shards, config_text):
         devices.pin_cpus(index, shards)
 
 
-def _shard_task(config_text, data_path, shard, shards, flat_theta, step):
+def _shard_task(config_text, data_path, shard, shards, flat_theta, step, expect=()):
     from distributed import get_worker
 
     from ..shard import worker_for
@@ -81,7 +81,7 @@ def _shard_task(config_text, data_path, shard, shards, flat_theta, step):
             if marker != "always":
                 open(marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
-    return worker_for(config_text, data_path, shard, shards).compute(flat_theta, step)
+    return worker_for(config_text, data_path, shard, shards, expect).compute(flat_theta, step)
 
 
 def slurm_cluster(config_text: str, log_dir=None):
@@ -167,11 +167,12 @@ def _listed(shards) -> str:
 
 class DaskBackend(DriverBackend):
     def __init__(self, config_text: str, data_path: str, workers: int, scheduler: str = "", on_slurm=False,
-                 log_dir=None):
+                 log_dir=None, expect: tuple = ()):
         import dask
         from distributed import Client, LocalCluster
 
         self.config_text, self.data_path, self.shards = config_text, data_path, workers
+        self.expect = expect
         self.worker_timeout = from_toml_text(config_text).backend.worker_timeout
         self.cluster = None
         if scheduler:
@@ -219,7 +220,7 @@ class DaskBackend(DriverBackend):
         for w, worker in placed.items():
             where = {"workers": [worker], "allow_other_workers": True} if worker else {}
             futures[w] = self.client.submit(
-                _shard_task, self.config_text, self.data_path, w, self.shards, flat_theta, step,
+                _shard_task, self.config_text, self.data_path, w, self.shards, flat_theta, step, self.expect,
                 key=f"ndde-shard-{step}-{w}-{attempt}-{id(self)}", pure=False, **where)
         return futures, placed
 

@@ -9,7 +9,7 @@ from . import Reduced
 
 
 class MpiBackend:
-    def __init__(self, config_text: str, data_path: str):
+    def __init__(self, config_text: str, data_path: str, expect: tuple = ()):
         from mpi4py import MPI
 
         from ..shard import worker_for
@@ -18,7 +18,8 @@ class MpiBackend:
         self.comm = MPI.COMM_WORLD
         self.rank, self.shards = self.comm.Get_rank(), self.comm.Get_size()
         self.is_root = self.rank == 0
-        self.worker = worker_for(config_text, data_path, self.rank, self.shards)
+        expect = self.comm.bcast(expect, root=0)  # every rank runs the code the root records
+        self.worker = worker_for(config_text, data_path, self.rank, self.shards, expect)
 
     def step(self, flat_theta, step: int, stopping=None):
         """stopping: unused; every rank finishes the collective step, then they agree to stop."""
