@@ -18,6 +18,13 @@ from .shard import error_line
 from .train import make_optimizer
 
 
+def observed_mse(pred, ys, mask) -> float:
+    """Mean squared error over the observed points (``mask``) only: a missing observation counts
+    for nothing, a NaN prediction at an observed point makes the result NaN (never hidden)."""
+    mask = np.asarray(mask, bool)
+    return float(np.sum(np.where(mask, (np.asarray(pred) - np.asarray(ys)) ** 2, 0.0)) / mask.sum())
+
+
 def held_out_prediction(job, params, n_show=3, n_fine=200):
     """(ts, ys_true, fine_ts, ys_pred_fine, mse at the data times) for the first held-out rows."""
     model = build_model(job)
@@ -28,7 +35,7 @@ def held_out_prediction(job, params, n_show=3, n_fine=200):
     fine = jnp.linspace(ts[0], ts[-1], n_fine, dtype=model.dtype)
     predict = jax.jit(jax.vmap(lambda s, grid: model.solve(job, params, s, grid).ys, in_axes=(0, None)))
     samples = {"x0": jnp.asarray(rows["x0"])}
-    mse = float(np.nanmean((np.asarray(predict(samples, ts)) - ys_true) ** 2))
+    mse = observed_mse(np.asarray(predict(samples, ts)), rows["ys"], rows["mask"])
     first = {k: v[:n_show] for k, v in samples.items()}
     return np.asarray(ts), ys_true[:n_show], np.asarray(fine), np.asarray(predict(first, fine)), mse
 

@@ -305,3 +305,12 @@ def test_shard_caches_follow_the_codes_digest_and_a_file_of_another_digest_is_re
     assert shard.worker_for(text, data, 0, 1, before) is first
     with pytest.raises(config.ConfigError, match="but this run's root process loaded"):
         build_model(job, dict(before))
+
+
+def test_the_held_out_mse_counts_observed_points_only_and_shows_a_nan_prediction():
+    from pipeline.report import observed_mse
+    ys = np.array([[1.0, np.nan], [2.0, 3.0]])
+    mask = ~np.isnan(ys)
+    assert observed_mse(np.array([[2.0, 5.0], [2.0, 1.0]]), ys, mask) == pytest.approx(5.0 / 3)
+    assert np.isnan(observed_mse(np.array([[np.nan, 0.0], [2.0, 3.0]]), ys, mask))
+    assert observed_mse(np.array([[1.0, np.nan], [2.0, 3.0]]), ys, mask) == 0.0  # NaN where nothing is observed
