@@ -138,8 +138,12 @@ def _install_model(job, run_dir, comm, data_path):
 
 def _check_model_fits(job, data_path) -> None:
     """ConfigError unless the job's model builds and its rhs, evaluated once on the first
-    trajectory's x0, returns the data's state shape."""
+    trajectory's x0, returns the data's state shape, and a DDE is not asked for backsolve."""
     model = build_model(job)
+    if model.model.is_dde and job.solver.sensitivity == "backsolve":
+        raise config_mod.ConfigError(f"solver.sensitivity 'backsolve' works for ODEs only; model.entry "
+                                     f"{job.model.entry!r} is a DDE (it has delays): use 'interpolating', "
+                                     "'quadrature', 'backprop' or 'forward'")
     model.check_state(read_rows(data_path, job, 0, 1, model.dtype)["x0"][0])
 
 

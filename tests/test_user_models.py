@@ -314,3 +314,15 @@ def test_the_held_out_mse_counts_observed_points_only_and_shows_a_nan_prediction
     assert observed_mse(np.array([[2.0, 5.0], [2.0, 1.0]]), ys, mask) == pytest.approx(5.0 / 3)
     assert np.isnan(observed_mse(np.array([[np.nan, 0.0], [2.0, 3.0]]), ys, mask))
     assert observed_mse(np.array([[1.0, np.nan], [2.0, 3.0]]), ys, mask) == 0.0  # NaN where nothing is observed
+
+
+LAGGED = DECAY.replace('rhs=lambda t, x, params: params["a"] * x',
+                       'rhs=lambda t, x, lagged, params: params["a"] * lagged[0], delays=lambda params: jnp.ones(1)')
+
+
+def test_a_dde_entry_asking_for_backsolve_is_refused_up_front(tmp_path):
+    msg = _refusal(_job(tmp_path, module=LAGGED, extra='[solver]\nsensitivity = "backsolve"\n'))
+    assert "'backsolve' works for ODEs only; model.entry 'decay:make_model' is a DDE" in msg
+    assert "'interpolating', 'quadrature', 'backprop' or 'forward'" in msg
+    # an ODE entry with backsolve is accepted:
+    runner.dry_run(config.load(_job(tmp_path, extra='[solver]\nsensitivity = "backsolve"\n')), tmp_path / "run")
