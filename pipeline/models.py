@@ -111,6 +111,7 @@ def check_state(model: Model, params, x0, entry: str) -> None:
                     raise ConfigError(f"{entry}: history(t, params, x0) returned shape {hist.shape}; the data's "
                                       f"state has shape {x0.shape}")
         elif isinstance(model.rhs, sv.GradientField):
+            model.rhs.check(x0, params)  # J (d, d), H scalar, extra the state's shape: named as such
             out, what = jax.eval_shape(lambda: jax.grad(model.rhs.H)(x0, params)), "GradientField H's gradient"
         else:
             out, what = jax.eval_shape(lambda: model.rhs(t0, x0, params)), "rhs(t, x, params)"

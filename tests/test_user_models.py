@@ -326,3 +326,22 @@ def test_a_dde_entry_asking_for_backsolve_is_refused_up_front(tmp_path):
     assert "'interpolating', 'quadrature', 'backprop' or 'forward'" in msg
     # an ODE entry with backsolve is accepted:
     runner.dry_run(config.load(_job(tmp_path, extra='[solver]\nsensitivity = "backsolve"\n')), tmp_path / "run")
+
+
+GRADIENT_FIELD = """
+import jax.numpy as jnp
+import pipeline
+import solvers
+
+def make_model(d=2):
+    H = lambda x, params: HSUM(params["w"] * x ** 2)
+    return pipeline.Model(init=lambda key: {"w": jnp.ones(2)}, rhs=solvers.GradientField(H=H, J=-jnp.eye(d)))
+"""
+
+
+def test_a_gradient_field_whose_j_or_h_does_not_fit_is_refused(tmp_path):
+    msg = _refusal(_job(tmp_path, module=GRADIENT_FIELD.replace("HSUM", "jnp.sum"), options="d = 3"))
+    assert "GradientField: J must be a (d, d) matrix with d = x.shape[-1] = 2, got shape (3, 3)" in msg
+    msg = _refusal(_job(tmp_path, module=GRADIENT_FIELD.replace("HSUM", "")))
+    assert "GradientField: H(x, p) must return a scalar" in msg
+    runner.dry_run(config.load(_job(tmp_path, module=GRADIENT_FIELD.replace("HSUM", "jnp.sum"))), tmp_path / "run")
