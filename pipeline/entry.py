@@ -30,7 +30,9 @@ def split(entry: str) -> tuple[str, str]:
 
 def locate(entry: str, job_dir=None) -> pathlib.Path:
     """The file of ``entry``'s module: ``job_dir/<module>.py`` when it exists, else the module's
-    file as Python finds it on sys.path.
+    file as Python finds it on sys.path. That one file is what a run copies and hashes: sibling
+    modules it imports are neither, so an entry must be one self-contained file (a package's
+    ``__init__.py`` is refused).
 
     Args:
         entry: ``"module:function"``; a dotted module is a path below job_dir.
@@ -40,7 +42,7 @@ def locate(entry: str, job_dir=None) -> pathlib.Path:
         The absolute path of the module's source file.
 
     Raises:
-        ConfigError: neither place has the module (both places are named).
+        ConfigError: neither place has the module (both places are named), or it is a package.
 
     Example:
         >>> locate("pipeline.zoo.hnn:make_model").name
@@ -60,6 +62,10 @@ def locate(entry: str, job_dir=None) -> pathlib.Path:
     else:
         why = ""
     if spec is not None and spec.origin and spec.origin.endswith(".py"):
+        if spec.submodule_search_locations is not None or pathlib.Path(spec.origin).name == "__init__.py":
+            raise ConfigError(f"entry {entry!r}: {module!r} is a package ({spec.origin}); an entry must be one "
+                              "self-contained module file (a run copies and hashes only that file), e.g. "
+                              f"\"{module}.<module>:<function>\"")
         return pathlib.Path(spec.origin).resolve()
     looked.append(f"sys.path{why}")
     raise ConfigError(f"entry {entry!r}: module {module!r} not found; looked in {' and '.join(looked)}")

@@ -26,6 +26,7 @@ class Model:
     """A trainable neural ODE/DDE (see the module docstring for each function's signature).
 
     Example:
+        >>> import jax.numpy as jnp
         >>> decay = Model(init=lambda key: {"a": jnp.asarray(-1.0)}, rhs=lambda t, x, params: params["a"] * x)
     """
 

@@ -345,3 +345,10 @@ def test_a_gradient_field_whose_j_or_h_does_not_fit_is_refused(tmp_path):
     msg = _refusal(_job(tmp_path, module=GRADIENT_FIELD.replace("HSUM", "")))
     assert "GradientField: H(x, p) must return a scalar" in msg
     runner.dry_run(config.load(_job(tmp_path, module=GRADIENT_FIELD.replace("HSUM", "jnp.sum"))), tmp_path / "run")
+
+
+def test_a_package_is_refused_as_an_entry_module(tmp_path):
+    from pipeline import entry
+    with pytest.raises(config.ConfigError, match="'pipeline.zoo' is a package .* one self-contained module file"):
+        entry.locate("pipeline.zoo:make_model")
+    assert entry.locate("pipeline.zoo.hnn:make_model").name == "hnn.py"

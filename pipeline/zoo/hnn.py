@@ -1,5 +1,6 @@
 """Hamiltonian neural network (an ODE): dx/dt = J ∇H_θ(x), H an MLP, x = (q, p); the rhs is a
-``GradientField``, so the adjoint uses forward-over-reverse products."""
+``GradientField``, whose adjoint takes its vector-Jacobian products by GradientField's default
+``adjoint_vjp = "reverse-over-reverse"`` ("forward-over-reverse" is the other choice)."""
 
 from __future__ import annotations
 
